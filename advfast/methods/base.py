@@ -1,0 +1,81 @@
+"""What every method is: a recipe of views, attack and loss. The engine owns the loop.
+
+A method is an nn.Module holding every trainable piece (encoder, heads) and every piece the
+engine must checkpoint (momentum encoders, queues as buffers). The engine calls, per iteration:
+
+    loss, metrics = method.training_step(batch)   # under autocast; metrics stay on the device
+    loss.backward(); optimizer.step()
+    method.after_optimizer_step()                 # EMA of key encoders, etc.
+
+and uses ``method.encoder`` with ``method.eval_branch`` for evaluation and export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from advfast.config import TrainConfig, closest, field_names
+
+
+class Method(nn.Module):
+    name: ClassVar[str]
+    variants: ClassVar[tuple[str, ...]] = ()
+    default_variant: ClassVar[str | None] = None
+    augment_preset: ClassVar[str] = "simclr"  # the data preset that produces this method's views
+
+    @dataclasses.dataclass
+    class Options:  # method-specific knobs; subclasses replace this dataclass
+        pass
+
+    def __init__(self, cfg: TrainConfig, num_classes: int, mean, std):
+        super().__init__()
+        self.cfg = cfg
+        self.variant = self.resolve_variant(cfg.variant)
+        self.options = self.parse_options(cfg.method_options)
+        self.num_classes = num_classes
+        self.eval_branch = "normal"
+
+    # ---- presets -----------------------------------------------------------------------------
+    @classmethod
+    def preset(cls, dataset: str, variant: str | None = None) -> dict[str, Any]:
+        """Overrides for TrainConfig reproducing the official code's defaults for ``dataset``
+        (or a small, fast setting for the digits demo)."""
+        return {}
+
+    @classmethod
+    def resolve_variant(cls, variant: str | None) -> str | None:
+        if variant is None:
+            return cls.default_variant
+        if variant not in cls.variants:
+            if not cls.variants:
+                raise ValueError(f"method {cls.name!r} has no variants, got --variant {variant!r}")
+            raise ValueError(f"unknown variant {variant!r} for method {cls.name!r}{closest(variant, cls.variants)}; "
+                             f"choose from {', '.join(cls.variants)}")
+        return variant
+
+    @classmethod
+    def parse_options(cls, given: dict[str, Any]):
+        names = field_names(cls.Options)
+        for key in given:
+            if key not in names:
+                raise ValueError(f"unknown option method.{key} for {cls.name!r}{closest(key, names)}")
+        return cls.Options(**given)
+
+    # ---- the recipe ----------------------------------------------------------------------------
+    def training_step(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def after_optimizer_step(self) -> None:
+        """Momentum encoders, queues and anything else updated after the weights change."""
+
+    def trainable_parameters(self):
+        """Parameters the optimiser updates (momentum encoders excluded)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    @property
+    def encoder(self) -> nn.Module:
+        raise NotImplementedError

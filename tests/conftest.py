@@ -1,0 +1,36 @@
+"""Shared test setup.
+
+Without a GPU, Triton kernels are tested through the interpreter: TRITON_INTERPRET must be set
+before triton is first imported, so it is set here, ahead of every test module.
+"""
+
+import os
+
+import pytest
+
+try:
+    import torch
+
+    _HAS_CUDA = torch.cuda.is_available()
+except ImportError:  # pragma: no cover - torch is a hard dependency
+    _HAS_CUDA = False
+
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; none is present on this machine")
+    for item in items:
+        if "gpu" in item.keywords and not _HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed(request):
+    """Every test gets fresh random inputs, reproducible from the seed printed on failure."""
+    seed = int.from_bytes(os.urandom(4), "little") if os.environ.get("ADVFAST_TEST_SEED") is None \
+        else int(os.environ["ADVFAST_TEST_SEED"])
+    torch.manual_seed(seed)
+    request.node.user_properties.append(("seed", seed))
+    yield
