@@ -1,0 +1,218 @@
+"""Augmentation backends behind one interface.
+
+``build_augment(preset, backend="torch", size=None) -> Augment``;
+``Augment(images_uint8, generator) -> list of V float views in [0, 1]``, each (B, C, H', W') on the
+images' device; ``Augment.num_views``. Views and their order per preset: advfast.data.presets.
+
+Every backend also splits a call into ``sample_params(batch, image_shape, generator, device)`` (one dict
+of per-sample tensors per view) and ``apply(images, params)``, so tests can hold the backends to the
+same parameter distributions and to each other's pixels. Parameter keys:
+  box (B, 4) int64   crop (top, left, height, width) in input pixels      [ResizedCrop]
+  offset (B, 2)      crop (top, left) in the zero-padded image           [PadCrop]
+  flip (B,) bool                                                          [Flip]
+  jitter (B,) bool, factors (B, 4) (brightness, contrast, saturation, hue), order (B, 4) [Jitter]
+  gray (B,) bool                                                          [Grayscale]
+  blur (B,) bool, sigma (B,)                                              [Blur]
+
+Backends: "torch" (batched on the images' device; parameters drawn there with the generator, no host
+sync), "torchvision" (per-sample CPU transforms, the classic path; DeviceLoader runs it in DataLoader
+workers), "dali" (NVIDIA DALI pipelines; advfast.data.dali_backend). "auto" is "torch".
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from advfast.data import torch_ops
+from advfast.data.presets import (Blur, Flip, Grayscale, Jitter, Original, PadCrop, ResizedCrop,
+                                  geometric_op, resolve_views)
+
+BACKENDS = ("torch", "dali", "torchvision")
+
+
+def blur_kernel_size(sigma_max: float, size: tuple[int, int]) -> int:
+    """Odd kernel covering +-3 sigma_max (13 taps for sigma 2), shrunk to fit reflect padding."""
+    k = 2 * math.ceil(3 * sigma_max) + 1
+    return min(k, 2 * (min(size) - 1) + 1)
+
+
+def _out_size(size, image_shape) -> tuple[int, int]:
+    if size is None:
+        return int(image_shape[-2]), int(image_shape[-1])
+    return size
+
+
+class Augment:
+    """Base: preset bookkeeping and the batched parameter sampler the torch backend uses."""
+
+    backend = "base"
+
+    def __init__(self, preset="simclr", size=None):
+        self.preset, self.views = resolve_views(preset)
+        if size is not None:
+            size = (size, size) if isinstance(size, int) else tuple(int(s) for s in size)
+            if len(size) != 2 or min(size) < 1:
+                raise ValueError(f"size must be a positive int or (height, width), got {size!r}")
+        self.size = size
+
+    @property
+    def num_views(self) -> int:
+        return len(self.views)
+
+    def __repr__(self):
+        return f"{type(self).__name__}(preset={self.preset!r}, views={self.num_views}, size={self.size})"
+
+    def check_images(self, images: torch.Tensor) -> None:
+        if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
+            got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+            raise TypeError(f"augment expects uint8 images (B, C, H, W), got {got}")
+        out = _out_size(self.size, images.shape)
+        for view in self.views:
+            op = geometric_op(view)
+            if isinstance(op, PadCrop):
+                h, w = images.shape[-2:]
+                if out[0] > h + 2 * op.padding or out[1] > w + 2 * op.padding:
+                    raise ValueError(f"size {out} is larger than the {h}x{w} images padded by {op.padding}")
+
+    # -- batched sampling on the device (torch backend; DALI reuses it) ----------------------------
+
+    def sample_params(self, batch: int, image_shape, generator: torch.Generator | None = None,
+                      device=None) -> list[dict]:
+        device = torch.device(device) if device is not None else (
+            generator.device if generator is not None else torch.device("cpu"))
+        h, w = int(image_shape[-2]), int(image_shape[-1])
+        out = _out_size(self.size, image_shape)
+        return [self._sample_view(view, batch, h, w, out, generator, device) for view in self.views]
+
+    @staticmethod
+    def _rand(shape, generator, device):
+        return torch.rand(shape, generator=generator, device=device)
+
+    def _sample_view(self, view, b, h, w, out, g, device) -> dict:
+        p = {}
+        for op in view:
+            if isinstance(op, ResizedCrop):
+                p["box"] = sample_resized_crop(b, h, w, op.scale, op.ratio, g, device)
+            elif isinstance(op, PadCrop):
+                span = torch.tensor([h + 2 * op.padding - out[0] + 1, w + 2 * op.padding - out[1] + 1],
+                                    device=device)
+                p["offset"] = (self._rand((b, 2), g, device) * span).long().minimum(span - 1)
+            elif isinstance(op, Flip):
+                p["flip"] = self._rand(b, g, device) < op.p
+            elif isinstance(op, Jitter):
+                p["jitter"] = self._rand(b, g, device) < op.p
+                u = self._rand((b, 4), g, device)
+                lo = torch.tensor([1 - op.brightness, 1 - op.contrast, 1 - op.saturation, -op.hue], device=device)
+                hi = torch.tensor([1 + op.brightness, 1 + op.contrast, 1 + op.saturation, op.hue], device=device)
+                p["factors"] = lo + u * (hi - lo)
+                p["order"] = self._rand((b, 4), g, device).argsort(1)  # a uniform random permutation
+            elif isinstance(op, Grayscale):
+                p["gray"] = self._rand(b, g, device) < op.p
+            elif isinstance(op, Blur):
+                p["blur"] = self._rand(b, g, device) < op.p
+                p["sigma"] = op.sigma[0] + self._rand(b, g, device) * (op.sigma[1] - op.sigma[0])
+        return p
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        self.check_images(images)
+        params = self.sample_params(images.shape[0], images.shape, generator, images.device)
+        return self.apply(images, params)
+
+    def apply(self, images: torch.Tensor, params: list[dict]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+
+def sample_resized_crop(b: int, h: int, w: int, scale, ratio, g, device, attempts: int = 10) -> torch.Tensor:
+    """torchvision's RandomResizedCrop.get_params for a batch: up to 10 tries of (area, log-aspect)
+    per sample, the first that fits wins; else the centre crop clamped to the ratio range."""
+    area = h * w
+    target = area * (scale[0] + torch.rand((b, attempts), generator=g, device=device) * (scale[1] - scale[0]))
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = torch.exp(log_lo + torch.rand((b, attempts), generator=g, device=device) * (log_hi - log_lo))
+    cw = torch.sqrt(target * aspect).round().long()  # round half to even, as Python's round
+    ch = torch.sqrt(target / aspect).round().long()
+    ok = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+    first = ok.long().argmax(1, keepdim=True)  # index of the first fitting try
+    any_ok = ok.any(1)
+    in_ratio = w / h
+    if in_ratio < min(ratio):
+        fw, fh = w, int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        fw, fh = int(round(h * max(ratio))), h
+    else:
+        fw, fh = w, h
+    cw = torch.where(any_ok, cw.gather(1, first).squeeze(1), fw)
+    ch = torch.where(any_ok, ch.gather(1, first).squeeze(1), fh)
+    u = torch.rand((b, 2), generator=g, device=device)
+    top = torch.where(any_ok, (u[:, 0] * (h - ch + 1)).long().minimum(h - ch), (h - fh) // 2)
+    left = torch.where(any_ok, (u[:, 1] * (w - cw + 1)).long().minimum(w - cw), (w - fw) // 2)
+    return torch.stack((top, left, ch, cw), 1)
+
+
+class TorchAugment(Augment):
+    """Batched on the images' device: each op runs once for the whole batch with per-sample parameters."""
+
+    backend = "torch"
+
+    def apply(self, images, params):
+        self.check_images(images)
+        x = images.float().div_(255)
+        out = _out_size(self.size, images.shape)
+        return [self._apply_view(view, x, p, out) for view, p in zip(self.views, params)]
+
+    def _apply_view(self, view, x, p, out):
+        flip = p.get("flip")
+        geometric_done = flipped_first = False
+        for op in view:
+            if isinstance(op, Flip):
+                flipped_first = not geometric_done
+            elif isinstance(op, ResizedCrop):
+                box = p["box"]
+                if flipped_first:  # crop(flip(x), box) == flip(crop(x, mirrored box))
+                    box = torch.where(flip[:, None], _mirror(box, 1, 3, x.shape[-1]), box)
+                x = torch_ops.resized_crop(x, box, out, op.interpolation, flip=flip)
+                geometric_done = True
+            elif isinstance(op, PadCrop):
+                offset = p["offset"]
+                if flipped_first:
+                    width = torch.full_like(offset[:, :1], out[1])
+                    mirrored = torch.cat((offset[:, :1], x.shape[-1] + 2 * op.padding - offset[:, 1:] - width), 1)
+                    offset = torch.where(flip[:, None], mirrored, offset)
+                x = torch_ops.padded_crop(x, offset, out, op.padding, flip=flip)
+                geometric_done = True
+            elif isinstance(op, Original):
+                x = torch_ops.resize(x, out)
+            elif isinstance(op, Jitter):
+                x = torch_ops.color_jitter(x, p["factors"], p["order"], p["jitter"])
+            elif isinstance(op, Grayscale):
+                x = torch_ops.random_grayscale(x, p["gray"])
+            elif isinstance(op, Blur):
+                x = torch_ops.gaussian_blur(x, p["sigma"], blur_kernel_size(op.sigma[1], x.shape[-2:]), p["blur"])
+        if flip is not None and not geometric_done:
+            x = torch_ops.hflip(x, flip)
+        return x
+
+
+def _mirror(box: torch.Tensor, left: int, width: int, image_width: int) -> torch.Tensor:
+    box = box.clone()
+    box[:, left] = image_width - box[:, left] - box[:, width]
+    return box
+
+
+def build_augment(preset="simclr", backend: str = "torch", size=None) -> Augment:
+    """An Augment for ``preset`` (a name in PRESETS, or a custom tuple of views) on ``backend``."""
+    if backend == "auto":
+        backend = "torch"
+    if backend == "torch":
+        return TorchAugment(preset, size)
+    if backend == "torchvision":
+        from advfast.data.torchvision_backend import TorchvisionAugment
+
+        return TorchvisionAugment(preset, size)
+    if backend == "dali":
+        from advfast.data.dali_backend import DaliAugment
+
+        return DaliAugment(preset, size)
+    raise ValueError(f"unknown augmentation backend {backend!r}; choose one of {', '.join(BACKENDS)}, auto")
