@@ -1,5 +1,14 @@
 """Fused ops with selectable backends (see docs/ARCHITECTURE.md for the backend table)."""
 
 from advfast.ops._dispatch import BACKENDS, available_backends
+from advfast.ops.ema import ema_update_
+from advfast.ops.pgd import pgd_step, pgd_step_, random_start
 
-__all__ = ["BACKENDS", "available_backends"]
+__all__ = [
+    "BACKENDS",
+    "available_backends",
+    "ema_update_",
+    "pgd_step",
+    "pgd_step_",
+    "random_start",
+]

@@ -1,0 +1,306 @@
+"""pgd_step / pgd_step_ / random_start: every available backend against the float64 torch reference.
+
+Without a GPU the triton backend runs under TRITON_INTERPRET=1 (set by tests/conftest.py), so the
+sizes stay small; cpp and cuda skip with the reason the dispatcher gives when they cannot run.
+"""
+
+import math
+
+import pytest
+import torch
+
+from advfast.ops import _dispatch, pgd_step, pgd_step_, random_start
+from advfast.ops.pgd import pgd_step_reference
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BACKENDS = ["torch", "triton", "cpp", "cuda"]
+# (B, ...) shapes: ragged sample sizes, and 5000 > the 4096-element Triton block (several blocks per sample).
+SHAPES = [(1, 3, 5, 7), (3, 3, 32, 32), (7, 1001), (3, 5000)]
+# Largest error against the float64 reference, by dtype of x (half outputs: one rounding of ~[0, 1] values).
+ATOL = {torch.float64: 1e-7, torch.float32: 2e-6, torch.bfloat16: 2 ** -8 + 1e-6, torch.float16: 2 ** -11 + 1e-6}
+
+
+def need(backend):
+    reason = _dispatch.unavailable_reason(backend, DEVICE)
+    if reason is not None:
+        pytest.skip(reason)
+    return backend
+
+
+def make_inputs(shape, norm, per_sample, x_dtype=torch.float32, g_dtype=torch.float32,
+                memory_format=torch.contiguous_format):
+    """x_nat in [0, 1]; x_adv around it (some samples outside the ball); grad with exact zeros."""
+    b = shape[0]
+    if norm == "linf":
+        eps = torch.rand(b, device=DEVICE) * 0.1 if per_sample else 8 / 255
+        alpha = torch.rand(b, device=DEVICE) * 0.05 if per_sample else 2 / 255
+    else:
+        eps = torch.rand(b, device=DEVICE) * 2.0 if per_sample else 0.5
+        alpha = torch.rand(b, device=DEVICE) * 1.0 if per_sample else 0.3
+    if per_sample and b > 1:
+        eps[0] = 0.0  # a zero radius pins the sample to x_nat
+        alpha[-1] = 0.0
+    x_nat = torch.rand(shape, device=DEVICE, dtype=torch.float64)
+    eps64 = (eps if isinstance(eps, torch.Tensor) else torch.full((b,), eps, device=DEVICE)).double()
+    view = (b,) + (1,) * (len(shape) - 1)
+    if norm == "linf":
+        delta = (torch.rand_like(x_nat) * 2 - 1) * 1.5 * eps64.view(view)
+    else:
+        z = torch.randn_like(x_nat)
+        delta = z / z.flatten(1).norm(dim=1).view(view) * torch.rand(view, device=DEVICE, dtype=torch.float64) \
+            * 1.5 * eps64.view(view)
+    x_adv = (x_nat + delta).clamp(0, 1)
+    grad = torch.randn(shape, device=DEVICE, dtype=torch.float64) * 10 ** float(torch.empty(()).uniform_(-3, 1))
+    grad[torch.rand(shape, device=DEVICE) < 0.1] = 0.0
+
+    def cast(t, dtype):
+        return t.to(dtype).contiguous(memory_format=memory_format)
+
+    return cast(x_adv, x_dtype), cast(x_nat, x_dtype), cast(grad, g_dtype), eps, alpha
+
+
+def reference64(x_adv, x_nat, grad, eps, alpha, norm, lower=0.0, upper=1.0):
+    e = eps.double() if isinstance(eps, torch.Tensor) else eps
+    a = alpha.double() if isinstance(alpha, torch.Tensor) else alpha
+    return pgd_step_reference(x_adv.double(), x_nat.double(), grad.double(), e, a, norm, lower, upper)
+
+
+def assert_in_ball_and_box(out, x_nat, eps, norm, lower=0.0, upper=1.0, tol=1e-6):
+    b = out.shape[0]
+    eps_t = (eps if isinstance(eps, torch.Tensor) else torch.full((b,), eps, device=out.device)).double()
+    d = (out.double() - x_nat.double()).flatten(1)
+    if norm == "linf":
+        assert bool((d.abs().amax(dim=1) <= eps_t + tol).all())
+    else:
+        assert bool((d.norm(dim=1) <= eps_t * (1 + 1e-5) + tol).all())
+    assert float(out.min()) >= lower and float(out.max()) <= upper
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_matches_float64_reference(backend, shape, norm, per_sample):
+    need(backend)
+    x_adv, x_nat, grad, eps, alpha = make_inputs(shape, norm, per_sample)
+    ref = reference64(x_adv, x_nat, grad, eps, alpha, norm)
+    before = x_adv.clone()
+    out = pgd_step(x_adv, x_nat, grad, eps, alpha, norm=norm, backend=backend)
+    assert torch.equal(x_adv, before), "pgd_step must not modify x_adv"
+    assert out.dtype == x_adv.dtype and out.shape == x_adv.shape
+    torch.testing.assert_close(out.double(), ref, atol=ATOL[torch.float32], rtol=0)
+    assert_in_ball_and_box(out, x_nat, eps, norm)
+
+    ret = pgd_step_(x_adv, x_nat, grad, eps, alpha, norm=norm, backend=backend)
+    assert ret is x_adv
+    torch.testing.assert_close(x_adv, out, atol=ATOL[torch.float32], rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("x_dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("g_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_dtypes(backend, x_dtype, g_dtype, norm):
+    need(backend)
+    x_adv, x_nat, grad, eps, alpha = make_inputs((3, 3, 9, 11), norm, per_sample=True, x_dtype=x_dtype,
+                                                 g_dtype=g_dtype)
+    ref = reference64(x_adv, x_nat, grad, eps, alpha, norm)
+    out = pgd_step_(x_adv.clone(), x_nat, grad, eps, alpha, norm=norm, backend=backend)
+    assert out.dtype == x_dtype
+    torch.testing.assert_close(out.double(), ref, atol=ATOL[x_dtype], rtol=0)
+    assert_in_ball_and_box(out, x_nat, eps, norm, tol=ATOL[x_dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("grad_layout", ["channels_last", "contiguous"])
+def test_channels_last_keeps_layout(backend, norm, grad_layout):
+    need(backend)
+    cl = torch.channels_last
+    x_adv, x_nat, grad, eps, alpha = make_inputs((3, 5, 6, 7), norm, per_sample=True, memory_format=cl)
+    if grad_layout == "contiguous":
+        grad = grad.contiguous()
+    ref = reference64(x_adv, x_nat, grad, eps, alpha, norm)
+    out = pgd_step(x_adv, x_nat, grad, eps, alpha, norm=norm, backend=backend)
+    assert out.is_contiguous(memory_format=cl)
+    torch.testing.assert_close(out.double(), ref, atol=ATOL[torch.float32], rtol=0)
+    pgd_step_(x_adv, x_nat, grad, eps, alpha, norm=norm, backend=backend)
+    assert x_adv.is_contiguous(memory_format=cl)
+    torch.testing.assert_close(x_adv.double(), ref, atol=ATOL[torch.float32], rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_strided_view_in_place(backend, norm):
+    """x_adv a view whose samples are not memory blocks: the step lands in the view, values exact."""
+    need(backend)
+    x_adv, x_nat, grad, eps, alpha = make_inputs((4, 3, 6, 5), norm, per_sample=False)
+    storage = x_adv.transpose(0, 1).contiguous()  # (3, 4, 6, 5): batch is not the outer dimension
+    view = storage.transpose(0, 1)
+    assert view.stride(0) * view.shape[0] != view.numel()
+    ref = reference64(x_adv, x_nat, grad, eps, alpha, norm)
+    pgd_step_(view, x_nat, grad, eps, alpha, norm=norm, backend=backend)
+    torch.testing.assert_close(view.double(), ref, atol=ATOL[torch.float32], rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_zero_gradient_stays_put(backend, norm):
+    need(backend)
+    x_adv, x_nat, _, _, _ = make_inputs((3, 2, 7, 7), norm, per_sample=False)
+    eps = 10.0  # x_adv is inside this ball, so nothing may move it
+    out = pgd_step(x_adv, x_nat, torch.zeros_like(x_adv), eps, 0.5, norm=norm, backend=backend)
+    assert not bool(out.isnan().any())
+    torch.testing.assert_close(out, x_adv, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_custom_bounds_and_empty_batch(backend, norm):
+    need(backend)
+    x_adv, x_nat, grad, eps, alpha = make_inputs((3, 4, 5), norm, per_sample=True)
+    lower, upper = 0.2, 0.7
+    x_nat = x_nat.clamp(lower, upper)
+    ref = reference64(x_adv, x_nat, grad, eps, alpha, norm, lower, upper)
+    out = pgd_step(x_adv, x_nat, grad, eps, alpha, norm=norm, lower=lower, upper=upper, backend=backend)
+    torch.testing.assert_close(out.double(), ref, atol=ATOL[torch.float32], rtol=0)
+    assert_in_ball_and_box(out, x_nat, eps, norm, lower, upper)
+    # no box at all
+    ref = reference64(x_adv, x_nat, grad, eps, alpha, norm, -math.inf, math.inf)
+    out = pgd_step(x_adv, x_nat, grad, eps, alpha, norm=norm, lower=-math.inf, upper=math.inf, backend=backend)
+    torch.testing.assert_close(out.double(), ref, atol=ATOL[torch.float32], rtol=0)
+
+    empty = torch.empty((0, 3, 4), device=DEVICE)
+    assert pgd_step(empty, empty, empty, 0.1, 0.1, norm=norm, backend=backend).shape == (0, 3, 4)
+    assert pgd_step_(empty, empty, empty, torch.empty(0, device=DEVICE), 0.1, norm=norm,
+                     backend=backend) is empty
+
+
+def test_auto_never_picks_the_interpreter():
+    x = torch.rand(2, 3)
+    out = pgd_step(x, x, torch.ones_like(x), 0.1, 0.05)  # auto on CPU: cpp or torch
+    torch.testing.assert_close(out, (x + 0.05).clamp(max=1.0).clamp(max=x + 0.1))
+    assert _dispatch.resolve("pgd_step", "auto", torch.device("cpu"), BACKENDS, BACKENDS) != "triton"
+
+
+def test_under_torch_compile():
+    """The torch path traces into one graph (fullgraph), in place and out of place."""
+    def attack_step(x_adv, x_nat, grad, eps):
+        pgd_step_(x_adv, x_nat, grad, eps, 0.05, norm="l2")
+        return pgd_step(x_adv, x_nat, grad, eps, 2 / 255, norm="linf")
+
+    compiled = torch.compile(attack_step, fullgraph=True, backend="aot_eager")
+    x_adv, x_nat, grad, eps, _ = make_inputs((3, 3, 8, 8), "l2", per_sample=True)
+    expected = attack_step(x_adv.clone(), x_nat, grad, eps)
+    got = compiled(x_adv, x_nat, grad, eps)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+def _args():
+    x = torch.rand(2, 3, 4)
+    return dict(x_adv=x, x_nat=x.clone(), grad=torch.randn(2, 3, 4), eps=0.1, alpha=0.01)
+
+
+@pytest.mark.parametrize("fn", [pgd_step, pgd_step_])
+@pytest.mark.parametrize("change, error, name", [
+    (dict(x_adv=torch.ones(2, 3, 4, dtype=torch.int64)), TypeError, "x_adv"),
+    (dict(x_adv=[[0.0]]), TypeError, "x_adv"),
+    (dict(x_adv=torch.tensor(0.5), x_nat=torch.tensor(0.5), grad=torch.tensor(0.5)), ValueError, "x_adv"),
+    (dict(x_nat=torch.rand(2, 3, 5)), ValueError, "x_nat"),
+    (dict(x_nat=torch.rand(2, 3, 4, dtype=torch.float64)), TypeError, "x_nat"),
+    (dict(x_nat=torch.rand(2, 3, 4, device="meta")), ValueError, "x_nat"),
+    (dict(grad=torch.rand(2, 12)), ValueError, "grad"),
+    (dict(grad=torch.ones(2, 3, 4, dtype=torch.int32)), TypeError, "grad"),
+    (dict(grad=torch.rand(2, 3, 4, device="meta")), ValueError, "grad"),
+    (dict(eps=-0.1), ValueError, "eps"),
+    (dict(eps=math.nan), ValueError, "eps"),
+    (dict(eps=math.inf), ValueError, "eps"),
+    (dict(eps=True), TypeError, "eps"),
+    (dict(eps="0.1"), TypeError, "eps"),
+    (dict(eps=torch.full((3,), 0.1)), ValueError, "eps"),
+    (dict(eps=torch.full((2, 1), 0.1)), ValueError, "eps"),
+    (dict(eps=torch.tensor([0.1, -0.1])), ValueError, "eps"),
+    (dict(eps=torch.tensor([0.1, math.inf])), ValueError, "eps"),
+    (dict(eps=torch.tensor([1, 2])), TypeError, "eps"),
+    (dict(eps=torch.full((2,), 0.1, device="meta")), ValueError, "eps"),
+    (dict(alpha=-1e-3), ValueError, "alpha"),
+    (dict(alpha=torch.tensor([0.1, -0.1])), ValueError, "alpha"),
+    (dict(alpha=torch.full((5,), 0.1)), ValueError, "alpha"),
+    (dict(norm="l1"), ValueError, "norm"),
+    (dict(lower=1.0, upper=0.0), ValueError, "lower"),
+    (dict(lower=math.nan), ValueError, "lower"),
+    (dict(upper="1"), TypeError, "upper"),
+    (dict(backend="cudnn"), ValueError, "backend"),
+])
+def test_bad_input_names_the_argument(fn, change, error, name):
+    kwargs = {**_args(), **change}
+    with pytest.raises(error, match=name):
+        fn(**kwargs)
+
+
+def test_unavailable_backend_says_why():
+    kwargs = _args()
+    if DEVICE.type == "cpu":
+        with pytest.raises(RuntimeError, match="cuda"):
+            pgd_step(**kwargs, backend="cuda")
+
+
+# ------------------------------------------------------------------------------------ random start
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_random_start_in_ball_and_box(norm, per_sample, dtype):
+    shape = (5, 3, 8, 8)
+    x_nat = torch.rand(shape, device=DEVICE).to(dtype)
+    eps = (torch.rand(5, device=DEVICE) * 0.5) if per_sample else (8 / 255 if norm == "linf" else 0.5)
+    x0 = random_start(x_nat, eps, norm=norm)
+    assert x0.dtype == dtype and x0.shape == x_nat.shape
+    assert not torch.equal(x0, x_nat)
+    assert_in_ball_and_box(x0, x_nat, eps, norm, tol=ATOL[dtype])
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_random_start_deterministic_with_generator(norm):
+    x_nat = torch.rand(3, 3, 8, 8, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    runs = [random_start(x_nat, 0.1, norm=norm, generator=torch.Generator(DEVICE).manual_seed(s))
+            for s in (7, 7, 8)]
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
+    assert runs[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_random_start_linf_is_uniform_in_the_cube():
+    x_nat = torch.full((4, 5000), 0.5, device=DEVICE, dtype=torch.float64)
+    d = (random_start(x_nat, 0.2, lower=-math.inf, upper=math.inf) - x_nat) / 0.2
+    assert float(d.abs().max()) <= 1.0
+    assert abs(float(d.mean())) < 0.02 and abs(float(d.abs().mean()) - 0.5) < 0.02
+    assert float(d.max()) > 0.99 and float(d.min()) < -0.99
+
+
+def test_random_start_l2_is_uniform_in_the_ball():
+    # In 2 dimensions a uniform point of the disc has P(r < eps/2) = 1/4.
+    x_nat = torch.zeros(4000, 2, device=DEVICE, dtype=torch.float64)
+    r = random_start(x_nat, 1.0, norm="l2", lower=-math.inf, upper=math.inf).norm(dim=1)
+    assert float(r.max()) <= 1.0 + 1e-12
+    assert abs(float((r < 0.5).double().mean()) - 0.25) < 0.05
+    # in high dimension the mass sits at the surface
+    x_nat = torch.zeros(8, 3, 32, 32, device=DEVICE)
+    r = random_start(x_nat, 0.5, norm="l2", lower=-math.inf, upper=math.inf).flatten(1).norm(dim=1)
+    assert bool((r > 0.49).all()) and bool((r <= 0.5 + 1e-5).all())
+
+
+@pytest.mark.parametrize("change, error, name", [
+    (dict(x_nat=torch.ones(2, 3, dtype=torch.uint8)), TypeError, "x_nat"),
+    (dict(eps=-1.0), ValueError, "eps"),
+    (dict(eps=torch.full((3,), 0.1)), ValueError, "eps"),
+    (dict(norm="linfty"), ValueError, "norm"),
+    (dict(lower=2.0), ValueError, "lower"),
+    (dict(generator=123), TypeError, "generator"),
+])
+def test_random_start_bad_input(change, error, name):
+    kwargs = {**dict(x_nat=torch.rand(2, 3), eps=0.1), **change}
+    with pytest.raises(error, match=name):
+        random_start(**kwargs)
