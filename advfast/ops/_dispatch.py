@@ -41,7 +41,7 @@ def triton_interpreted() -> bool:
 
 def unavailable_reason(backend: str, device: torch.device) -> str | None:
     """None if ``backend`` can run on ``device`` here, else a one-line reason."""
-    if backend == "torch":
+    if backend in ("torch", "torch-chunked"):  # plain torch; torch-chunked: contrastive losses only
         return None
     if backend == "cpp":
         if device.type != "cpu":
