@@ -1,6 +1,7 @@
 """Fused ops with selectable backends (see docs/ARCHITECTURE.md for the backend table)."""
 
 from advfast.ops._dispatch import BACKENDS, available_backends
+from advfast.ops.contrastive import info_nce, nt_xent
 from advfast.ops.ema import ema_update_
 from advfast.ops.pgd import pgd_step, pgd_step_, random_start
 
@@ -8,6 +9,8 @@ __all__ = [
     "BACKENDS",
     "available_backends",
     "ema_update_",
+    "info_nce",
+    "nt_xent",
     "pgd_step",
     "pgd_step_",
     "random_start",
