@@ -11,6 +11,9 @@ parameters, so it is built once and cached (keyed by its content, hence always c
 Tensors whose memory is not dense, or whose ema/src strides differ, cannot be addressed as flat
 arrays; they are updated with torch ops (a rare case: parameters are dense).
 
+Half-precision results are computed in float32 and rounded once on the store (to nearest even on
+a GPU; Triton's CPU interpreter truncates instead, which the tests allow for).
+
 Groups are capped at MAX_TENSORS_PER_LAUNCH tensors to keep the per-program table load small;
 larger models take a few launches per dtype.
 """

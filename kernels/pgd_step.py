@@ -11,6 +11,9 @@ program knows its sample without a per-element division and reads eps/alpha once
         the step follows from ||d + s*g||^2 = d.d + 2s d.g + s^2 g.g (s = alpha/||g||), so the step is
         never written out and re-read: 6 reads + 1 write in two launches, deterministic (no atomics).
 
+Half-precision x is computed in float32 and rounded once on the store (to nearest even on a GPU;
+Triton's CPU interpreter truncates instead, which the tests allow for).
+
 Launchers take arbitrary tensors (the checks live in advfast.ops.pgd) and fall back to contiguous
 copies when the layouts differ or are not batch-major dense.
 """
