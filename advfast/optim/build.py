@@ -1,0 +1,58 @@
+"""Optimizer and schedule from an ``OptimConfig`` (advfast.config)."""
+
+from __future__ import annotations
+
+import torch
+
+from advfast.config import OptimConfig
+from advfast.optim.lars import LARS
+from advfast.optim.schedule import SCHEDULES, WarmupCosineLR
+
+OPTIMIZERS = ("sgd", "lars")
+
+
+def _materialise(params) -> list:
+    # one-shot iterables (model.parameters(), generators inside groups) become lists: read twice
+    params = [dict(item, params=list(item["params"])) if isinstance(item, dict) else item for item in params]
+    if not params:
+        raise ValueError("params is empty; pass the model's trainable parameters")
+    return params
+
+
+def _tensors(params):
+    for item in params:
+        if isinstance(item, dict):
+            yield from item["params"]
+        else:
+            yield item
+
+
+def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """SGD (fused on CUDA) or LARS over ``params`` (tensors or param-group dicts)."""
+    if cfg.name not in OPTIMIZERS:
+        raise ValueError(f"optim.name must be one of {OPTIMIZERS}, got {cfg.name!r}")
+    params = _materialise(params)
+    if cfg.name == "lars":
+        if cfg.nesterov:
+            raise ValueError("optim.nesterov is not supported with LARS; set optim.nesterov=false")
+        return LARS(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, eta=cfg.lars_eta,
+                    exclude_bn_bias=cfg.lars_exclude_bn_bias)
+    tensors = list(_tensors(params))
+    fused = all(t.is_cuda and t.is_floating_point() for t in tensors) or None
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                           nesterov=cfg.nesterov, fused=fused)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_per_epoch: int,
+                    epochs: int) -> WarmupCosineLR:
+    """Per-iteration schedule: ``cfg.warmup_epochs`` of linear warmup from ``cfg.warmup_start_lr``,
+    then cosine to ``cfg.min_lr`` (or constant). A warmup longer than the run is cut to the run."""
+    if cfg.schedule not in SCHEDULES:
+        raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
+    if steps_per_epoch < 1 or epochs < 1:
+        raise ValueError(f"steps_per_epoch and epochs must be >= 1, got {steps_per_epoch} and {epochs}")
+    if cfg.warmup_epochs < 0:
+        raise ValueError(f"optim.warmup_epochs must be >= 0, got {cfg.warmup_epochs}")
+    total = int(steps_per_epoch) * int(epochs)
+    warmup = min(total, int(round(cfg.warmup_epochs * steps_per_epoch)))
+    return WarmupCosineLR(optimizer, total, warmup, cfg.warmup_start_lr, cfg.min_lr, cfg.schedule)
