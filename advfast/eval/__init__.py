@@ -1,0 +1,1 @@
+"""Evaluation: SLF / ALF / AFF protocols, test-time attacks, corruptions, reports (advfast-eval)."""

@@ -1,0 +1,141 @@
+"""Fine-tuning a classifier on top of a pre-trained encoder: SLF, ALF and AFF (TRADES)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from advfast import ops
+from advfast.attacks import pgd
+from advfast.eval.protocols import ProtocolConfig
+
+
+class Classifier(nn.Module):
+    """``head(encoder(x, branch))``. With ``frozen=True`` the encoder's weights take no gradient and
+    its BatchNorm statistics never move: it stays in eval mode whatever ``.train()`` says."""
+
+    def __init__(self, encoder: nn.Module, num_classes: int, branch: str = "normal", frozen: bool = True,
+                 zero_init_head: bool = True):
+        super().__init__()
+        self.encoder = encoder
+        self.branch = branch
+        self.frozen = frozen
+        self.head = nn.Linear(encoder.feat_dim, num_classes)
+        if zero_init_head:  # as ACL's and AMOC's finetuning scripts
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+        if frozen:
+            self.encoder.requires_grad_(False)
+            self.encoder.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen:
+            self.encoder.eval()
+        return self
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x, self.branch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def trainable_parameters(self):
+        return list(self.head.parameters()) if self.frozen else list(self.parameters())
+
+
+@dataclass
+class FinetuneLog:
+    epochs: list[dict] = field(default_factory=list)
+
+
+def ce_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float, steps: int,
+              norm: str = "linf", generator: torch.Generator | None = None) -> torch.Tensor:
+    """PGD on the summed cross-entropy, model in eval mode (restored afterwards)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return pgd(lambda z: F.cross_entropy(model(z), y, reduction="sum"), x, eps=eps, alpha=alpha,
+                   steps=steps, norm=norm, random_start=True, generator=generator)
+    finally:
+        model.train(was_training)
+
+
+def trades_examples(model: nn.Module, x: torch.Tensor, eps: float, alpha: float, steps: int,
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    """TRADES' inner maximisation as ACL's train_trades.py: start at x + 0.001 N(0, 1), ascend
+    KL(p(x') || p(x)) (summed), model in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            p_nat = F.softmax(model(x), dim=1)
+        noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+        x_adv = (x + 0.001 * noise).detach()
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), p_nat, reduction="sum")
+            (grad,) = torch.autograd.grad(kl, x_adv)
+            x_adv = ops.pgd_step_(x_adv.detach(), x, grad, eps, alpha)
+        return x_adv.detach()
+    finally:
+        model.train(was_training)
+
+
+def _lr_at(cfg: ProtocolConfig, epoch: int) -> float:
+    return cfg.lr * (0.1 ** sum(epoch >= m for m in cfg.milestones))
+
+
+def finetune(model: Classifier, loader, cfg: ProtocolConfig, progress=None,
+             generator: torch.Generator | None = None) -> FinetuneLog:
+    """Train ``model`` with the protocol in ``cfg``; ``loader`` yields batches with ``views[0]``
+    (images in [0, 1]) and ``labels``. Returns per-epoch mean loss and training accuracy."""
+    params = model.trainable_parameters()
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                          nesterov=cfg.nesterov)
+    log = FinetuneLog()
+    for epoch in range(cfg.epochs):
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(cfg, epoch)
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        model.train()
+        loss_sum = torch.zeros((), device=_device_of(model))
+        correct = torch.zeros((), device=_device_of(model))
+        seen = 0
+        for batch in loader:
+            x, y = batch.views[0], batch.labels
+            if cfg.protocol == "alf":
+                x = ce_attack(model, x, y, cfg.train_eps, cfg.train_alpha, cfg.train_steps, generator=generator)
+            if cfg.protocol == "aff":
+                x_adv = trades_examples(model, x, cfg.train_eps, cfg.train_alpha, cfg.train_steps, generator)
+                logits = model(x)
+                loss = F.cross_entropy(logits, y) + cfg.trades_beta * F.kl_div(
+                    F.log_softmax(model(x_adv), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
+            else:
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += loss.detach() * y.numel()
+            correct += (logits.argmax(1) == y).sum()
+            seen += y.numel()
+        record = {"epoch": epoch + 1, "lr": _lr_at(cfg, epoch),
+                  "loss": float(loss_sum) / max(seen, 1), "train_acc": float(correct) / max(seen, 1)}
+        if not math.isfinite(record["loss"]):
+            raise FloatingPointError(f"{cfg.protocol}: the fine-tuning loss became {record['loss']} in epoch "
+                                     f"{epoch + 1}; lower the learning rate (--set lr=...)")
+        log.epochs.append(record)
+        if progress is not None:
+            progress(record)
+    model.eval()
+    return log
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
