@@ -164,17 +164,22 @@ def resolve_encoder_files(run_dir: str | os.PathLike) -> tuple[Path, Path]:
 
 
 def load_encoder(run_dir: str | os.PathLike, device="cpu") -> torch.nn.Module:
-    """Rebuild an exported encoder: encoder.json names the arch (and the input mean/std it was
-    trained with), encoder.safetensors holds its single-branch, torchvision-style weights."""
+    """Rebuild an exported encoder (advfast.engine.export): ``build_encoder(**build_args)`` from
+    encoder.json, then the single-branch weights of encoder.safetensors."""
     from safetensors.torch import load_file
 
     from advfast.models import build_encoder
 
     weights, meta_path = resolve_encoder_files(run_dir)
     meta = json.loads(meta_path.read_text())
-    if "arch" not in meta:
-        raise ValueError(f"{meta_path} has no 'arch' field; was it written by advfast-train?")
-    enc = build_encoder(meta["arch"], bn_branches=("normal",), mean=meta.get("mean"), std=meta.get("std"))
+    args = meta.get("build_args")
+    if not isinstance(args, dict) or "arch" not in args:
+        raise ValueError(f"{meta_path} has no 'build_args' with an 'arch'; was it written by advfast-train?")
+    args = dict(args)
+    for key in ("bn_branches", "mean", "std"):
+        if args.get(key) is not None:
+            args[key] = tuple(args[key])
+    enc = build_encoder(**args)
     enc.load_state_dict(load_file(str(weights)), strict=True)
     return enc.to(device).eval()
 
@@ -365,6 +370,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dataset", required=True)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--download", action="store_true")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="as advfast-train --image-size (digits, imagefolder, synthetic): use the training run's size")
     p.add_argument("--out", required=True, help="output .safetensors (a .json sidecar is written beside it)")
     p.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)), help="comma-separated cluster counts")
     p.add_argument("--seed", type=int, default=0)
@@ -373,13 +380,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--rebuild", action="store_true", help="ignore a matching cache")
     a = p.parse_args(argv)
+    from types import SimpleNamespace
+
     from advfast.data import load_dataset
+    from advfast.engine.trainer import dataset_kwargs
 
     try:
         ks = [int(k) for k in a.ks.split(",") if k.strip()]
     except ValueError:
         p.error(f"--ks must be comma-separated integers such as 2,10,50, got {a.ks!r}")
-    ds = load_dataset(a.dataset, root=a.data_dir, split="train", download=a.download)
+    size_kw = dataset_kwargs(SimpleNamespace(dataset=a.dataset, image_size=a.image_size))
+    ds = load_dataset(a.dataset, root=a.data_dir, split="train", download=a.download, **size_kw)
     build_pseudo_labels(ds, a.out, encoder=a.encoder, source="raw_pixels" if a.raw_pixels else "encoder",
                         ks=ks, seed=a.seed, kmeans_backend=a.kmeans, device=a.device, max_iter=a.max_iter,
                         rebuild=a.rebuild, log=lambda m: print(m, file=sys.stderr))
