@@ -48,6 +48,7 @@ class DaliAugment(Augment):
         self.num_threads = num_threads
         self._pipe = None
         self._key = None
+        self._generator = None
         self.last_params: list[dict] | None = None
 
     # -- pipeline ----------------------------------------------------------------------------------
@@ -126,10 +127,12 @@ class DaliAugment(Augment):
 
     def _pipeline(self, batch, shape, device, generator):
         seed = int(generator.initial_seed() % (2**31)) if generator is not None else 0
-        key = (id(generator), seed, tuple(shape[1:]), device)
-        if self._pipe is None or self._key != key or self._pipe[0].max_batch_size < batch:
+        key = (seed, tuple(shape[1:]), device)
+        # the last generator is held, so a new one can never reuse its id and be mistaken for it
+        if (self._pipe is None or generator is not self._generator or self._key != key
+                or self._pipe[0].max_batch_size < batch):
             self._pipe = self._build(batch, shape, device, seed)
-            self._key = key
+            self._key, self._generator = key, generator
         return self._pipe
 
     # -- calls -------------------------------------------------------------------------------------
