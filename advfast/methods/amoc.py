@@ -90,7 +90,7 @@ class AMOC(Method):
     @classmethod
     def preset(cls, dataset: str, variant: str | None = None) -> dict[str, Any]:
         if dataset == "digits":  # a couple of CPU minutes
-            return dict(arch="convnet", epochs=10, batch_size=128, temperature=0.2,
+            return dict(arch="convnet", image_size=16, epochs=12, batch_size=128, temperature=0.2,
                         attack=dict(kind="pgd", norm="linf", eps=8 / 255, alpha=2 / 255, steps=3, random_start=True),
                         optim=dict(name="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine",
                                    warmup_epochs=1.0, warmup_start_lr=0.0),

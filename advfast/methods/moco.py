@@ -78,7 +78,7 @@ class MoCo(Method):
     def preset(cls, dataset: str, variant: str | None = None) -> dict[str, Any]:
         variant = cls.resolve_variant(variant)
         if dataset == "digits":  # a couple of CPU minutes
-            return dict(arch="convnet", epochs=15, batch_size=128, temperature=_TEMPERATURE[variant],
+            return dict(arch="convnet", image_size=16, epochs=30, batch_size=128, temperature=_TEMPERATURE[variant],
                         attack=dict(kind="none"),
                         optim=dict(name="sgd", lr=0.06, momentum=0.9, weight_decay=5e-4, schedule="cosine",
                                    warmup_epochs=0.0),

@@ -56,7 +56,7 @@ class MoCoAdv(MoCo):
     def preset(cls, dataset: str, variant: str | None = None) -> dict[str, Any]:
         cls.resolve_variant(variant)
         if dataset == "digits":  # a couple of CPU minutes
-            return dict(arch="convnet", epochs=10, batch_size=128, temperature=0.1,
+            return dict(arch="convnet", image_size=16, epochs=20, batch_size=128, temperature=0.1,
                         attack=dict(kind="pgd", norm="linf", eps=8 / 255, alpha=2 / 255, steps=3, random_start=True),
                         optim=dict(name="sgd", lr=0.06, momentum=0.9, weight_decay=5e-4, schedule="cosine",
                                    warmup_epochs=0.0),
