@@ -6,10 +6,16 @@ ascends it: ``torch.autograd.grad(loss, x)`` computes the input gradient and not
 weight gradients are computed, parameters' ``.grad`` are never touched), and each step is one
 fused ``advfast.ops.pgd_step_`` (ascent step, projection onto the eps-ball, clamp to
 [lower, upper]). The perturbed images stay float32 even when the model runs under autocast.
+
+``gradients="full"`` (or the block ``with attack_gradients("full"):``) takes the gradient the way
+the official codes do instead: ``loss.backward()``, which also computes every parameter's
+gradient and accumulates it into ``.grad`` (the caller must zero those before its own backward,
+as the engine's optimizer.zero_grad does). It exists to measure what input-only gradients save.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -18,6 +24,28 @@ from advfast.ops.pgd import pgd_step_
 from advfast.ops.pgd import random_start as draw_start
 
 _NORMS = ("linf", "l2")
+GRADIENT_MODES = ("input", "full")
+_default_gradients = "input"  # set by attack_gradients(); read when an attack is given gradients=None
+
+
+@contextlib.contextmanager
+def attack_gradients(mode: str):
+    """Attacks started in the block (with gradients=None) take their gradients as ``mode``:
+    "input" (torch.autograd.grad w.r.t. the input only) or "full" (loss.backward(), as the official codes)."""
+    global _default_gradients
+    _check_gradients(mode)
+    previous, _default_gradients = _default_gradients, mode
+    try:
+        yield
+    finally:
+        _default_gradients = previous
+
+
+def _check_gradients(mode) -> str:
+    if mode not in GRADIENT_MODES:
+        raise ValueError(f"gradients must be one of {', '.join(GRADIENT_MODES)} (or None for the current default), "
+                         f"got {mode!r}")
+    return mode
 
 
 def _check(loss_fn, x_nat, steps, norm):
@@ -32,30 +60,57 @@ def _check(loss_fn, x_nat, steps, norm):
         raise ValueError(f"norm must be one of {_NORMS}, got {norm!r}")
 
 
-def _input_grad(loss_fn, x: torch.Tensor) -> torch.Tensor:
-    x.requires_grad_(True)
+_NO_DEPENDENCE = "loss_fn's result does not depend on its input x; the closure must run the model on x"
+
+
+def _scalar_loss(loss_fn, x: torch.Tensor) -> torch.Tensor:
     with torch.enable_grad():
         loss = loss_fn(x)
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise ValueError(f"loss_fn must return a scalar tensor, got {shape}; reduce it with .sum() or .mean()")
-    (grad,) = torch.autograd.grad(loss.reshape(()), (x,), allow_unused=True)
+    return loss.reshape(())
+
+
+def _input_grad(loss_fn, x: torch.Tensor) -> torch.Tensor:
+    x.requires_grad_(True)
+    loss = _scalar_loss(loss_fn, x)
+    (grad,) = torch.autograd.grad(loss, (x,), allow_unused=True)
     x.requires_grad_(False)
     if grad is None:
-        raise ValueError("loss_fn's result does not depend on its input x; the closure must run the model on x")
+        raise ValueError(_NO_DEPENDENCE)
+    return grad
+
+
+def _full_backward_grad(loss_fn, x: torch.Tensor) -> torch.Tensor:
+    """The official codes' way: backward through everything, weight gradients included."""
+    x.grad = None
+    x.requires_grad_(True)
+    loss = _scalar_loss(loss_fn, x)
+    if not loss.requires_grad:
+        x.requires_grad_(False)
+        raise ValueError(_NO_DEPENDENCE)
+    loss.backward()
+    grad, x.grad = x.grad, None
+    x.requires_grad_(False)
+    if grad is None:
+        raise ValueError(_NO_DEPENDENCE)
     return grad
 
 
 def pgd(loss_fn: Callable[[torch.Tensor], torch.Tensor], x_nat: torch.Tensor, eps, alpha, steps: int,
         norm: str = "linf", random_start: bool = True, lower: float = 0.0, upper: float = 1.0,
-        generator: torch.Generator | None = None, backend: str = "auto") -> torch.Tensor:
+        generator: torch.Generator | None = None, backend: str = "auto",
+        gradients: str | None = None) -> torch.Tensor:
     """Projected gradient ascent on ``loss_fn`` around ``x_nat``; returns detached adversarial images.
 
     eps, alpha: floats or per-sample tensors of shape (B,). ``random_start`` draws the start
     uniformly in the eps-ball (clamped to [lower, upper]) with ``generator``; otherwise the
-    ascent starts at ``x_nat``. ``backend`` selects the ``ops.pgd_step_`` backend.
+    ascent starts at ``x_nat``. ``backend`` selects the ``ops.pgd_step_`` backend. ``gradients``:
+    "input" (default), "full" (see the module docstring) or None for the ``attack_gradients`` default.
     """
     _check(loss_fn, x_nat, steps, norm)
+    take_grad = _full_backward_grad if _check_gradients(_default_gradients if gradients is None else gradients) == "full" else _input_grad
     x_nat = x_nat.detach()
     if x_nat.dtype not in (torch.float32, torch.float64):
         x_nat = x_nat.float()  # perturbations live in fp32 whatever precision the model runs in
@@ -64,14 +119,15 @@ def pgd(loss_fn: Callable[[torch.Tensor], torch.Tensor], x_nat: torch.Tensor, ep
     else:
         x_adv = x_nat.clone()
     for _ in range(steps):
-        grad = _input_grad(loss_fn, x_adv)
+        grad = take_grad(loss_fn, x_adv)
         pgd_step_(x_adv, x_nat, grad, eps, alpha, norm=norm, lower=lower, upper=upper, backend=backend)
     return x_adv.detach()
 
 
 def fgsm(loss_fn: Callable[[torch.Tensor], torch.Tensor], x_nat: torch.Tensor, eps, norm: str = "linf",
          random_start: bool = False, alpha=None, lower: float = 0.0, upper: float = 1.0,
-         generator: torch.Generator | None = None, backend: str = "auto") -> torch.Tensor:
+         generator: torch.Generator | None = None, backend: str = "auto",
+         gradients: str | None = None) -> torch.Tensor:
     """One gradient step of size eps from ``x_nat`` (Goodfellow et al.).
 
     With ``random_start=True`` it is the "fast is better than free" FGSM of Wong et al. (2020):
@@ -85,4 +141,4 @@ def fgsm(loss_fn: Callable[[torch.Tensor], torch.Tensor], x_nat: torch.Tensor, e
     else:
         alpha = eps
     return pgd(loss_fn, x_nat, eps, alpha, 1, norm=norm, random_start=random_start, lower=lower, upper=upper,
-               generator=generator, backend=backend)
+               generator=generator, backend=backend, gradients=gradients)

@@ -1,12 +1,13 @@
 """Fused ops with selectable backends (see docs/ARCHITECTURE.md for the backend table)."""
 
-from advfast.ops._dispatch import BACKENDS, available_backends
+from advfast.ops._dispatch import BACKENDS, auto_backend, available_backends
 from advfast.ops.contrastive import info_nce, nt_xent
 from advfast.ops.ema import ema_update_
 from advfast.ops.pgd import pgd_step, pgd_step_, random_start
 
 __all__ = [
     "BACKENDS",
+    "auto_backend",
     "available_backends",
     "ema_update_",
     "info_nce",

@@ -11,6 +11,7 @@ one that can run here, or raises a ValueError/RuntimeError that names what is mi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -19,6 +20,27 @@ import torch
 from advfast import _ext
 
 BACKENDS = ("cuda", "triton", "cpp", "torch")
+
+# Set by ``auto_backend``: the backend "auto" resolves to while it is active (None: the fastest).
+_auto_override: str | None = None
+
+
+@contextlib.contextmanager
+def auto_backend(name: str):
+    """Within the block, "auto" resolves to ``name`` for every op that implements it and can run it
+    here (ops without it keep their own choice). Backends asked for by name are unaffected.
+
+    The benchmarks' "fused ops off" switch: ``with auto_backend("torch"):`` runs every op the
+    methods call with backend="auto" on its plain PyTorch reference, as the official codes do.
+    """
+    global _auto_override
+    if name not in BACKENDS + ("torch-chunked",):
+        raise ValueError(f"auto_backend: unknown backend {name!r}; choose one of {', '.join(BACKENDS)}, torch-chunked")
+    previous, _auto_override = _auto_override, name
+    try:
+        yield
+    finally:
+        _auto_override = previous
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,6 +96,9 @@ def resolve(op: str, backend: str, device: torch.device, implemented: tuple[str,
     interpreted Triton path excluded because it is a test vehicle, not a fast path) is what "auto" tries.
     """
     if backend == "auto":
+        if (_auto_override is not None and _auto_override in implemented
+                and unavailable_reason(_auto_override, device) is None):
+            return _auto_override
         for name in auto_order or implemented:
             if name not in implemented:
                 continue
