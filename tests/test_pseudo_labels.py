@@ -132,3 +132,51 @@ def test_restricted_unpickler_refuses_code_without_running_it(tmp_path):
     path.write_bytes(pickle.dumps({"x": SimpleNamespace(a=1)}, protocol=3))
     with pytest.raises(pickle.UnpicklingError, match="refusing to load types.SimpleNamespace"):
         pl.read_official_pickle(path)
+
+
+def _encoder_run_dir(path, seed):
+    """A run dir as advfast-train exports it: encoder.safetensors + encoder.json (build_args)."""
+    from safetensors.torch import save_file
+
+    from advfast.models import build_encoder
+
+    torch.manual_seed(seed)
+    enc = build_encoder("convnet", ("normal",), widths=(8, 16), strides=(2, 1))
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in enc.state_dict().items()}, str(path / "encoder.safetensors"))
+    (path / "encoder.json").write_text(json.dumps({"build_args": dict(enc.build_args, bn_branches=["normal"])}))
+    return enc
+
+
+def test_encoder_labels_cache_follows_the_encoder_hash(tmp_path, capsys):
+    run = tmp_path / "run"
+    enc = _encoder_run_dir(run, seed=0)
+    out = tmp_path / "labels.safetensors"
+    argv = ["--encoder", str(run), "--dataset", "synthetic", "--image-size", "8", "--out", str(out),
+            "--ks", "2,3", "--device", "cpu"]
+    assert pl.main(argv) == 0
+    meta = json.loads((tmp_path / "labels.json").read_text())
+    assert meta["encoder_sha256"] == pl.file_sha256(run / "encoder.safetensors")
+    assert meta["dataset"] == "synthetic" and meta["num_images"] == 1024 and meta["ks"] == [2, 3]
+    # the labels are k-means of the encoder's L2-normalised features
+    from advfast.data import load_dataset
+
+    ds = load_dataset("synthetic", image_size=8)
+    feats = pl.encoder_features(enc.eval(), ds.images, "cpu")
+    first = pl.load_pseudo_labels(out, num_images=1024, ks=[2, 3], dataset_name="synthetic")
+    assert torch.equal(first[3], pl.kmeans(feats, 3, seed=0).labels)
+    # same encoder file: a cache hit
+    capsys.readouterr()
+    pl.main(argv)
+    assert "reusing" in capsys.readouterr().err
+    # another encoder in the same run dir: the hash differs, the cache is rebuilt
+    _encoder_run_dir(run, seed=1)
+    pl.main(argv)
+    assert "rebuilding" in capsys.readouterr().err
+    assert json.loads((tmp_path / "labels.json").read_text())["encoder_sha256"] == \
+        pl.file_sha256(run / "encoder.safetensors")
+
+
+def test_encoder_dir_must_hold_an_export(tmp_path):
+    with pytest.raises(ValueError, match="must be a run dir holding encoder.safetensors"):
+        pl.build_pseudo_labels(_fake_dataset(), tmp_path / "l.safetensors", encoder=tmp_path, ks=[2])

@@ -1,0 +1,252 @@
+"""AdvCL (Fan et al., NeurIPS 2021) as LijieFan/AdvCL's pretraining_advCL.py runs it.
+
+Views (data preset "advcl"): x1, x2 = SimCLR views (scale 0.2-1), org = RandomCrop(pad 4) + flip;
+x_hfc = high_frequency(org, r) of the *clean* org view (unclamped), through the "normal" BN.
+
+Model: backbone with three BN branches ["normal", "pgd", "pgd_ce"], no input normalisation;
+head_proj Linear(512,512)-BN(one, shared by every branch)-ReLU-Linear(512,128), L2-normalised;
+pseudo-label heads Linear(feat, K) for K in (2, 10, 50, 100, 500) on the pooled feature. The
+official model also computes an unused head_pred on every forward; it is left out here (it
+changes no loss and no gradient).
+
+Attack (model in train mode, as the official code: BN batch statistics and running-stat updates):
+x_cl and x_ce start independently at org + U(-eps, eps) and take 5 signed steps of 2/255 within
+8/255 of org on  SupCon([x_cl ("pgd"), x1, x2, x_hfc]) + 0.2 * sum_K CE_sum(head_K(x_ce ("pgd_ce")), y_K) / n_K.
+x_cl reaches only the contrastive term and x_ce only the CE term, so this is two independent
+attacks, run here as one PGD call on cat([x_cl, x_ce]).
+
+Training: loss = SupCon(T=0.5) over [x_cl ("pgd"), x1, x2, x_hfc ("normal")] scaled by T/0.07
+(SupConLoss's base_temperature) + 0.2 * mean over heads of CE_mean(head_K(x_ce), y_K). Every view
+is its own forward (its own BN batch), as the official code. "pgd" is the evaluation branch (the
+official SLF loads bn_list.1).
+
+SupCon with labels=None is ``ops.nt_xent(z, 4, T, positives="mean_log_prob")``: each of the 4B
+anchors has 3 positives, a denominator over the 4B-1 others, and the mean log-probability over
+its positives; the mean over anchors does not depend on the row layout.
+
+Pseudo labels (ClusterFit) are looked up by dataset index (batch.indices); see
+advfast.methods.pseudo_labels and docs/methods.md for where they come from.
+
+Deviations (all documented in docs/methods.md):
+* the clean views' features are computed once per attack, not at each of its 5 steps: in train
+  mode they do not depend on x_cl, so the attack is identical; only the running statistics of the
+  "normal" BN and of the (not exported) head BN see fewer updates. ``method.refresh_clean_views``
+  recomputes them every step, as the official code.
+* ops.random_start clamps the start to [0, 1]; the official start is clamped only after step 1.
+* the lr schedule is the engine's per-iteration cosine (official: per-epoch cosine, per-iteration
+  warmup) and the run is 1000 epochs (the official loop runs 1002).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from advfast import attacks
+from advfast.data import high_frequency
+from advfast.methods import register
+from advfast.methods.base import Method
+from advfast.methods.pseudo_labels import DEFAULT_KS, generator_command
+from advfast.models import build_encoder, build_head
+from advfast.ops.contrastive import nt_xent
+
+BRANCHES = ("normal", "pgd", "pgd_ce")
+
+
+def advcl_preset(dataset: str) -> dict[str, Any]:
+    if dataset == "digits":
+        # 16x16 digits, small convnet: ~11 steps of 128 per epoch. SGD as the official code with its
+        # lr scaled to the batch (0.5 * 128/512); k-means on raw pixels stands in for ClusterFit
+        # (demo only) with K up to 50 for ~1400 images; HFC radius scaled to the image (8 * 16/32).
+        return dict(arch="convnet", image_size=16, epochs=15, batch_size=128, temperature=0.5,
+                    optim=dict(name="sgd", lr=0.125, momentum=0.9, weight_decay=1e-4, schedule="cosine",
+                               warmup_epochs=2.0, warmup_start_lr=0.01, min_lr=1.25e-4),
+                    attack=dict(kind="pgd", norm="linf", eps=8 / 255, alpha=2 / 255, steps=3, random_start=True),
+                    method_options=dict(pseudo_labels_from="raw_pixels", cluster_ks="2,10,50", head_hidden=128),
+                    log_every=10, ckpt_every=100)
+    return dict(arch="resnet18", epochs=1000, batch_size=512, temperature=0.5,
+                optim=dict(name="sgd", lr=0.5, momentum=0.9, weight_decay=1e-4, schedule="cosine",
+                           warmup_epochs=10.0, warmup_start_lr=0.01, min_lr=5e-4),
+                attack=dict(kind="pgd", norm="linf", eps=8 / 255, alpha=2 / 255, steps=5, random_start=True))
+
+
+def parse_ks(value) -> tuple[int, ...]:
+    """"2,10,50" or [2, 10, 50] -> (2, 10, 50)."""
+    try:
+        if isinstance(value, str):
+            ks = tuple(int(v) for v in value.replace(" ", "").split(",") if v)
+        else:
+            ks = tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"method.cluster_ks must be cluster counts such as 2,10,50, got {value!r}") from None
+    if not ks or min(ks) < 2 or len(set(ks)) != len(ks):
+        raise ValueError(f"method.cluster_ks must be distinct counts >= 2, got {value!r}")
+    return ks
+
+
+@register
+class AdvCL(Method):
+    name = "advcl"
+    variants = ()
+    default_variant = None
+    augment_preset = "advcl"
+
+    @dataclasses.dataclass
+    class Options:
+        pseudo_labels: str | None = None  # labels file: generator .safetensors or the official .pkl
+        pseudo_labels_from: str | None = None  # an encoder run dir (ClusterFit), or "raw_pixels" (demo only)
+        cluster_ks: Any = ",".join(map(str, DEFAULT_KS))  # "2,10,50,100,500" or a list
+        kmeans_backend: str = "torch"  # "torch" (on the device) | "sklearn" (CPU)
+        kmeans_seed: int = 0
+        ce_weight: float = 0.2  # 0 trains without ClusterFit (the paper's table 5 baseline)
+        base_temperature: float = 0.07  # SupConLoss scales by T/base_T; set it to T for an unscaled loss
+        hfc_radius: float | None = None  # None: 8 * H / 32 (8 on 32x32, the official r)
+        attack_mode: str = "train"  # "train" (official: BN batch stats + running updates) | "eval"
+        refresh_clean_views: bool = False  # recompute x1, x2, x_hfc at every attack step (official)
+        head_hidden: int | None = None  # head_proj width (None: 512)
+        normalize_input: bool = False  # the official model does not normalise its input
+        loss_backend: str = "auto"  # backend of ops.nt_xent
+
+    def __init__(self, cfg, num_classes: int, mean, std):
+        super().__init__(cfg, num_classes, mean, std)
+        o = self.options
+        if o.attack_mode not in ("train", "eval"):
+            raise ValueError(f"method.attack_mode must be 'train' or 'eval', got {o.attack_mode!r}")
+        if o.ce_weight < 0 or o.base_temperature <= 0:
+            raise ValueError("method.ce_weight must be >= 0 and method.base_temperature > 0")
+        self.temperature = float(cfg.temperature)
+        self.eval_branch = "pgd"
+        norm = (mean, std) if o.normalize_input else (None, None)
+        self.backbone = build_encoder(cfg.arch, BRANCHES, *norm)
+        self.head = build_head("advcl", self.backbone.feat_dim, BRANCHES, hidden=o.head_hidden)
+        self.ks = parse_ks(o.cluster_ks) if o.ce_weight > 0 else ()
+        # fc_002, fc_010, ... as the official model names them
+        self.cluster_heads = nn.ModuleDict({f"fc_{k:03d}": nn.Linear(self.backbone.feat_dim, k) for k in self.ks})
+        if self.ks:
+            labels = self._load_pseudo_labels(cfg)
+            for k in self.ks:  # persistent: a checkpoint carries them, so a resume sees the same labels
+                self.register_buffer(f"pseudo_{k}", labels[k])
+
+    # ---- pseudo labels -------------------------------------------------------------------------
+    def _load_pseudo_labels(self, cfg) -> dict[int, torch.Tensor]:
+        from advfast.data import load_dataset
+        from advfast.engine.trainer import dataset_kwargs
+        from advfast.methods import pseudo_labels as pl
+
+        o = self.options
+        if o.pseudo_labels is None and o.pseudo_labels_from is None:
+            raise ValueError(
+                "advcl needs ClusterFit pseudo labels: set method.pseudo_labels=FILE (made with "
+                f"`{generator_command(cfg.dataset)}`, or the official .pkl) or method.pseudo_labels_from=RUN_DIR "
+                "(or method.ce_weight=0 to train without them)")
+        dataset = load_dataset(cfg.dataset, cfg.data_dir, "train", cfg.download, **dataset_kwargs(cfg))
+        n = len(dataset.labels)
+        if o.pseudo_labels_from is None:
+            return pl.load_pseudo_labels(o.pseudo_labels, num_images=n, ks=self.ks, dataset_name=cfg.dataset)
+        if o.pseudo_labels_from == "raw_pixels":
+            if o.pseudo_labels is None:  # cheap on the demo's small dataset: computed, not cached
+                device = "cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu"
+                feats = pl.raw_pixel_features(dataset.images, device)
+                return {k: (pl.kmeans(feats, k, seed=o.kmeans_seed) if o.kmeans_backend == "torch"
+                            else pl.kmeans_sklearn(feats, k, seed=o.kmeans_seed)).labels.cpu() for k in self.ks}
+            return pl.build_pseudo_labels(dataset, o.pseudo_labels, source="raw_pixels", ks=self.ks,
+                                          seed=o.kmeans_seed, kmeans_backend=o.kmeans_backend)
+        enc_weights, _ = pl.resolve_encoder_files(o.pseudo_labels_from)
+        cache = o.pseudo_labels or str(enc_weights.parent / f"pseudo_labels_{cfg.dataset}.safetensors")
+        return pl.build_pseudo_labels(dataset, cache, encoder=o.pseudo_labels_from, source="encoder", ks=self.ks,
+                                      seed=o.kmeans_seed, kmeans_backend=o.kmeans_backend)
+
+    def pseudo_targets(self, indices: torch.Tensor) -> dict[int, torch.Tensor]:
+        return {k: getattr(self, f"pseudo_{k}")[indices] for k in self.ks}
+
+    # ---- pieces ----------------------------------------------------------------------------------
+    @classmethod
+    def preset(cls, dataset: str, variant: str | None = None) -> dict[str, Any]:
+        cls.resolve_variant(variant)
+        return advcl_preset(dataset)
+
+    @property
+    def encoder(self):
+        return self.backbone
+
+    def embed(self, x: torch.Tensor, branch: str) -> torch.Tensor:
+        """L2-normalised head_proj output (fp32 for the loss) through BN branch ``branch``."""
+        return F.normalize(self.head(self.backbone(x, branch), branch).float(), dim=1)
+
+    def hfc_view(self, org: torch.Tensor) -> torch.Tensor:
+        radius = self.options.hfc_radius
+        if radius is None:
+            radius = 8.0 * org.shape[-2] / 32.0
+        return high_frequency(org, radius)
+
+    def contrastive_loss(self, views: list[torch.Tensor]) -> torch.Tensor:
+        """SupConLoss(labels=None) of the stacked normalised views, with its T/base_T scale."""
+        loss = nt_xent(torch.cat(views), len(views), temperature=self.temperature, positives="mean_log_prob",
+                       normalize=False, backend=self.options.loss_backend)
+        return loss * (self.temperature / self.options.base_temperature)
+
+    def cluster_ce(self, h: torch.Tensor, targets: dict[int, torch.Tensor], reduction: str) -> torch.Tensor:
+        """Mean over the K heads of the CE of ``h`` (pooled features) against each K's labels."""
+        losses = [F.cross_entropy(self.cluster_heads[f"fc_{k:03d}"](h).float(), targets[k], reduction=reduction)
+                  for k in self.ks]
+        return torch.stack(losses).mean()
+
+    # ---- attack ----------------------------------------------------------------------------------
+    def attack(self, x1, x2, x_hfc, org, targets) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(x_cl, x_ce): PGD on the contrastive and the pseudo-label CE terms, from independent starts."""
+        a = self.cfg.attack
+        b = org.shape[0]
+        use_ce = bool(self.ks)
+        was_training = self.training
+        self.train(self.options.attack_mode == "train")
+        try:
+            def clean_views():
+                return [self.embed(x1, "normal"), self.embed(x2, "normal"), self.embed(x_hfc, "normal")]
+
+            if not self.options.refresh_clean_views:
+                with torch.no_grad():
+                    fixed = clean_views()
+
+            def loss_fn(x):
+                x_cl = x[:b]
+                z_cl = self.embed(x_cl, "pgd")
+                rest = clean_views() if self.options.refresh_clean_views else fixed
+                loss = self.contrastive_loss([z_cl] + rest)
+                if use_ce:  # official: summed CE per head, summed over heads / number of heads
+                    loss = loss + self.options.ce_weight * self.cluster_ce(self.backbone(x[b:], "pgd_ce"),
+                                                                           targets, "sum")
+                return loss
+
+            x_nat = torch.cat([org, org]) if use_ce else org
+            if a.kind == "none":
+                x_adv = x_nat
+            elif a.kind == "fgsm":
+                x_adv = attacks.fgsm(loss_fn, x_nat, a.eps, norm=a.norm, random_start=a.random_start)
+            else:
+                x_adv = attacks.pgd(loss_fn, x_nat, a.eps, a.alpha, a.steps, norm=a.norm,
+                                    random_start=a.random_start)
+        finally:
+            self.train(was_training)
+        x_adv = x_adv.detach()
+        return (x_adv[:b], x_adv[b:]) if use_ce else (x_adv, None)
+
+    # ---- the recipe ------------------------------------------------------------------------------
+    def training_step(self, batch):
+        x1, x2, org = batch.views[0], batch.views[1], batch.views[2]
+        x_hfc = self.hfc_view(org)
+        targets = self.pseudo_targets(batch.indices) if self.ks else {}
+        x_cl, x_ce = self.attack(x1, x2, x_hfc, org, targets)
+        z_cl = self.embed(x_cl, "pgd")
+        z1, z2, zh = self.embed(x1, "normal"), self.embed(x2, "normal"), self.embed(x_hfc, "normal")
+        loss_cl = self.contrastive_loss([z_cl, z1, z2, zh])
+        metrics = {"loss_supcon": loss_cl.detach()}
+        loss = loss_cl
+        if self.ks:
+            loss_ce = self.cluster_ce(self.backbone(x_ce, "pgd_ce"), targets, "mean")
+            loss = loss + self.options.ce_weight * loss_ce
+            metrics["loss_pseudo_ce"] = loss_ce.detach()
+        return loss, metrics
