@@ -146,3 +146,16 @@ def test_presets_validate_and_follow_the_official_defaults():
         cls.preset("cifar10", "v3")
     with pytest.raises(ValueError, match="queue_sise"):
         make("v2", queue_sise=4)
+
+
+def test_momentum_encoder_rejects_bad_momentum_and_foreign_modules():
+    from advfast.methods.momentum import MomentumEncoder
+    from advfast.models import build_encoder, build_head
+
+    enc = build_encoder("convnet", widths=(4, 8), strides=(1, 2), mean=MEAN, std=STD)
+    head = build_head("moco_v1", enc.feat_dim)
+    with pytest.raises(ValueError, match="momentum"):
+        MomentumEncoder(enc, head, 1.5)
+    key = MomentumEncoder(enc, head, 0.5)
+    with pytest.raises(ValueError, match="same query encoder"):
+        key.update_(enc, build_head("moco_v2", enc.feat_dim))
