@@ -120,13 +120,16 @@ def _lse_fwd_kernel(Q, K, LSE_PART, POS_PART, M, N, D, stride_q, stride_k, scale
 
 @triton.jit
 def _score_grad(s, valid, is_pos, lse2, g, gp, plse2, POS_MODE: tl.constexpr):
-    """dS for one tile (without the final factor ``scale``); s, lse2, plse2 are in base 2."""
+    """dS for one tile (without the final factor ``scale``); s, lse2, plse2 are in base 2.
+    Masked entries become -inf before exp2, so an excluded diagonal or non-positive logit far above
+    the row's log-sum-exp never overflows."""
+    s = tl.where(valid, s, float("-inf"))
     ds = g[:, None] * tl.exp2(s - lse2[:, None])
     if POS_MODE == 1:
         ds += tl.where(is_pos, gp[:, None], 0.0)
     if POS_MODE == 2:
-        ds += tl.where(is_pos, gp[:, None] * tl.exp2(s - plse2[:, None]), 0.0)
-    return tl.where(valid, ds, 0.0)
+        ds += gp[:, None] * tl.exp2(tl.where(is_pos, s, float("-inf")) - plse2[:, None])
+    return ds
 
 
 @triton.jit

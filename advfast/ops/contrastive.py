@@ -168,7 +168,7 @@ def _chunked_backward(q, keys, scale, lse, g_lse, pos, g_pos, mask_diag, period,
         if pos_mode == 1:
             ds += torch.where(is_pos, g_pos[:, None], 0.0)
         elif pos_mode == 2:
-            ds += torch.where(is_pos, torch.exp(s - pos[:, None]) * g_pos[:, None], 0.0)
+            ds += torch.exp(s.masked_fill(~is_pos, float("-inf")) - pos[:, None]) * g_pos[:, None]
         ds.mul_(scale)
         if need_dq:
             dq.addmm_(ds, kb)
