@@ -65,12 +65,12 @@ class TorchvisionAugment(Augment):
         for op in view:
             if isinstance(op, ResizedCrop):
                 img = F.resized_crop(img, *p["box"], size=list(out), interpolation=_INTERP[op.interpolation],
-                                     antialias=True).clamp_(0, 1)
+                                     antialias=True).clamp(0, 1)
             elif isinstance(op, PadCrop):
                 img = F.crop(F.pad(img, [op.padding]), *p["offset"], *out)
             elif isinstance(op, Original):
                 if tuple(img.shape[-2:]) != tuple(out):
-                    img = F.resize(img, list(out), antialias=True).clamp_(0, 1)
+                    img = F.resize(img, list(out), antialias=True).clamp(0, 1)
             elif isinstance(op, Flip):
                 if p["flip"]:
                     img = F.horizontal_flip(img)
