@@ -1,4 +1,8 @@
-"""ema_update_: every available backend against the float64 reference, on mixed lists of tensors."""
+"""ema_update_: every available backend against the float64 reference, on mixed lists of tensors.
+
+That the Triton kernel also compiles for a GPU is checked, without one, by
+tests/test_ops_pgd.py::test_triton_kernels_compile_for_sm90 (one process compiles both kernel files).
+"""
 
 import math
 

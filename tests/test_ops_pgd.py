@@ -72,7 +72,8 @@ def assert_in_ball_and_box(out, x_nat, eps, norm, lower=0.0, upper=1.0, tol=1e-6
     if norm == "linf":
         assert bool((d.abs().amax(dim=1) <= eps_t + tol).all())
     else:
-        assert bool((d.norm(dim=1) <= eps_t * (1 + 1e-5) + tol).all())
+        # per-element rounding of the output adds up to tol * sqrt(elements) in l2
+        assert bool((d.norm(dim=1) <= eps_t * (1 + 1e-5) + tol * d.shape[1] ** 0.5).all())
     assert float(out.min()) >= lower and float(out.max()) <= upper
 
 
@@ -151,7 +152,8 @@ def test_zero_gradient_stays_put(backend, norm):
     eps = 10.0  # x_adv is inside this ball, so nothing may move it
     out = pgd_step(x_adv, x_nat, torch.zeros_like(x_adv), eps, 0.5, norm=norm, backend=backend)
     assert not bool(out.isnan().any())
-    torch.testing.assert_close(out, x_adv, atol=0, rtol=0)
+    # torch and triton return x bit for bit; a kernel computing x_nat + (x - x_nat) may round once.
+    torch.testing.assert_close(out, x_adv, atol=2 ** -23, rtol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -304,3 +306,69 @@ def test_random_start_bad_input(change, error, name):
     kwargs = {**dict(x_nat=torch.rand(2, 3), eps=0.1), **change}
     with pytest.raises(error, match=name):
         random_start(**kwargs)
+
+
+# ------------------------------------------------------------------ GPU compilation without a GPU
+
+_COMPILE_PGD_KERNELS = r"""
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from advfast.kernels import pgd_step as k
+
+target = GPUTarget("cuda", 90, 32)
+common = dict(x_ptr="*fp32", xn_ptr="*fp32", g_ptr="*bf16", out_ptr="*fp32", eps_ptr="*fp32",
+              alpha_ptr="*fp32", eps_s="fp32", alpha_s="fp32", lower="fp32", upper="fp32", N="i32",
+              BLOCKS_PER_SAMPLE="i32", EPS_PER_SAMPLE="constexpr", ALPHA_PER_SAMPLE="constexpr",
+              COMPUTE="constexpr", BLOCK="constexpr")
+aligned = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 10)}  # pointers and N
+for per_sample in (False, True):
+    for compute in (tl.float32, tl.float64):
+        c = triton.compile(ASTSource(k._pgd_linf_kernel, common, dict(
+            EPS_PER_SAMPLE=per_sample, ALPHA_PER_SAMPLE=per_sample, COMPUTE=compute, BLOCK=4096), aligned),
+            target=target, options={"num_warps": 8})
+        assert "ld.global.v4" in c.asm["ptx"], "aligned loads should vectorise"
+partials = dict(x_ptr="*fp32", xn_ptr="*fp32", g_ptr="*fp16", part_ptr="*fp32", N="i32",
+                BLOCKS_PER_SAMPLE="i32", COMPUTE="constexpr", BLOCK="constexpr")
+triton.compile(ASTSource(k._pgd_l2_partials_kernel, partials, dict(COMPUTE=tl.float32, BLOCK=4096)),
+               target=target, options={"num_warps": 8})
+apply = {**common, "part_ptr": "*fp32", "PARTS": "constexpr"}
+apply = {name: apply[name] for name in k._pgd_l2_apply_kernel.arg_names}
+triton.compile(ASTSource(k._pgd_l2_apply_kernel, apply, dict(
+    EPS_PER_SAMPLE=True, ALPHA_PER_SAMPLE=False, COMPUTE=tl.float32, BLOCK=4096, PARTS=64)),
+    target=target, options={"num_warps": 8})
+
+from advfast.kernels import ema as ke  # noqa: E402  (compiled here too: one process for both files)
+
+table = dict(table_ptr="*i64", T="i32", m="fp32", one_minus_m="fp32", DTYPE="constexpr",
+             COMPUTE="constexpr", T_P2="constexpr", ALIGNED="constexpr", BLOCK="constexpr")
+for dtype in (tl.float32, tl.bfloat16, tl.float16, tl.float64):
+    for aligned_ptrs in (False, True):
+        compute = tl.float64 if dtype == tl.float64 else tl.float32
+        c = triton.compile(ASTSource(ke._ema_kernel, table, dict(
+            DTYPE=dtype, COMPUTE=compute, T_P2=64, ALIGNED=aligned_ptrs, BLOCK=4096)),
+            target=target, options={"num_warps": 8})
+        assert aligned_ptrs == ("ld.global.v4" in c.asm["ptx"]) or dtype == tl.float64
+print("compiled")
+"""
+
+
+def compile_offline(code: str) -> None:
+    """Run ``code`` (compiling Triton kernels for sm_90) in a process without the interpreter."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and "ptxas" in proc.stderr and shutil.which("ptxas") is None:
+        pytest.skip("no ptxas to compile Triton kernels for a GPU")
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_triton_kernels_compile_for_sm90():
+    """The interpreter checks the maths; this checks that the pgd_step and ema kernels also compile for
+    an H100 (no GPU needed) and that aligned loads vectorise."""
+    compile_offline(_COMPILE_PGD_KERNELS)
