@@ -60,7 +60,7 @@ def _check_bounds(lower, upper) -> tuple[float, float]:
     return float(lower), float(upper)
 
 
-def _check_radius(name: str, value, x: torch.Tensor) -> float | torch.Tensor:
+def _check_radius(name: str, value, x: torch.Tensor, x_name: str = "x_adv") -> float | torch.Tensor:
     """eps/alpha: a finite float >= 0, or a floating tensor of shape (B,) or () on x's device."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be a float or a tensor of shape (B,), got a bool")
@@ -74,7 +74,7 @@ def _check_radius(name: str, value, x: torch.Tensor) -> float | torch.Tensor:
     if not value.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}; use .float()")
     if value.device != x.device:
-        raise ValueError(f"{name} is on {value.device} but x_adv is on {x.device}; move {name} to {x.device}")
+        raise ValueError(f"{name} is on {value.device} but {x_name} is on {x.device}; move {name} to {x.device}")
     batch = x.shape[0]
     if value.dim() != 0 and tuple(value.shape) != (batch,):
         raise ValueError(f"{name} must have shape ({batch},) (one value per sample) or be a float, "
@@ -240,7 +240,7 @@ def random_start(x_nat: torch.Tensor, eps: float | torch.Tensor, norm: str = "li
     norm_id = _check_norm(norm)
     lower, upper = _check_bounds(lower, upper)
     # The ball is around x_nat, so eps's batch size and device are checked against x_nat.
-    eps = _check_radius("eps", eps, x_nat)
+    eps = _check_radius("eps", eps, x_nat, "x_nat")
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
