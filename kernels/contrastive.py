@@ -243,8 +243,11 @@ def _config(q: torch.Tensor, D: int, block_m: int | None, block_n: int | None, b
     bn = block_n or (256 if interp else 64)
     bd = block_d or min(256 if interp else 128, max(16, triton.next_power_of_2(D)))
     if q.dtype == torch.float32:
+        # Follow eager torch.matmul: TF32 only where the user allowed it; otherwise three TF32
+        # tensor-core products (hi*hi + hi*lo + lo*hi), close to fp32 accuracy, instead of "ieee"
+        # FMA loops, which would leave the fused loss slower than cuBLAS SGEMM.
         allow_tf32 = q.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
-        precision = "tf32" if allow_tf32 else "ieee"  # follow what eager torch.matmul would do
+        precision = "tf32" if allow_tf32 else "tf32x3"
     else:
         precision = "tf32"  # ignored for 16-bit operands
     return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PRECISION=precision, UPCAST=interp)

@@ -204,8 +204,9 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     dq = dict(bwd, DQ_PART="*fp32", keys_per_split="i32")
     dk = dict(bwd, DK_PART="*fp32", rows_per_split="i32")
     cases = [  # (kernel, q dtype, key dtype, signature, pos_mode, precision)
-        (kc._lse_fwd_kernel, "fp32", "fp32", fwd, 0, "ieee"), (kc._lse_bwd_dq_kernel, "bf16", "fp32", dq, 0, "tf32"),
+        (kc._lse_fwd_kernel, "fp32", "fp32", fwd, 0, "tf32x3"), (kc._lse_bwd_dq_kernel, "bf16", "fp32", dq, 0, "tf32"),
         (kc._lse_fwd_kernel, "bf16", "bf16", fwd, 2, "tf32"), (kc._lse_bwd_dk_kernel, "bf16", "bf16", dk, 1, "tf32"),
+        (kc._lse_bwd_dq_kernel, "fp32", "fp32", dq, 2, "tf32x3"),
     ]
     for fn, qt, kt, sig, mode, prec in cases:
         consts = dict(MASK_DIAG=mode > 0, POS_MODE=mode, PRECISION=prec, UPCAST=False,
@@ -230,7 +231,7 @@ def test_kernels_compile_for_hopper():
     out = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "compiled 4" in out.stdout
+    assert "compiled 5" in out.stdout
 
 
 # ----------------------------------------------------------------------------------------------
