@@ -50,9 +50,11 @@ from advfast import attacks
 from advfast.data import high_frequency
 from advfast.methods import register
 from advfast.methods.base import Method
-from advfast.methods.pseudo_labels import DEFAULT_KS, generator_command
 from advfast.models import build_encoder, build_head
 from advfast.ops.contrastive import nt_xent
+
+# advfast.methods.pseudo_labels is imported where it is used: `python -m advfast.methods.pseudo_labels`
+# must not find it already imported through this package.
 
 BRANCHES = ("normal", "pgd", "pgd_ce")
 
@@ -99,7 +101,7 @@ class AdvCL(Method):
     class Options:
         pseudo_labels: str | None = None  # labels file: generator .safetensors or the official .pkl
         pseudo_labels_from: str | None = None  # an encoder run dir (ClusterFit), or "raw_pixels" (demo only)
-        cluster_ks: Any = ",".join(map(str, DEFAULT_KS))  # "2,10,50,100,500" or a list
+        cluster_ks: Any = "2,10,50,100,500"  # or a list
         kmeans_backend: str = "torch"  # "torch" (on the device) | "sklearn" (CPU)
         kmeans_seed: int = 0
         ce_weight: float = 0.2  # 0 trains without ClusterFit (the paper's table 5 baseline)
@@ -141,7 +143,7 @@ class AdvCL(Method):
         if o.pseudo_labels is None and o.pseudo_labels_from is None:
             raise ValueError(
                 "advcl needs ClusterFit pseudo labels: set method.pseudo_labels=FILE (made with "
-                f"`{generator_command(cfg.dataset)}`, or the official .pkl) or method.pseudo_labels_from=RUN_DIR "
+                f"`{pl.generator_command(cfg.dataset)}`, or the official .pkl) or method.pseudo_labels_from=RUN_DIR "
                 "(or method.ce_weight=0 to train without them)")
         dataset = load_dataset(cfg.dataset, cfg.data_dir, "train", cfg.download, **dataset_kwargs(cfg))
         n = len(dataset.labels)

@@ -207,8 +207,8 @@ def sidecar_path(out: str | os.PathLike) -> Path:
 
 
 def _cache_key(meta: dict) -> dict:
-    return {k: meta.get(k) for k in ("format", "source", "encoder_sha256", "dataset", "num_images", "ks",
-                                     "seed", "kmeans")}
+    return {k: meta.get(k) for k in ("format", "source", "encoder_sha256", "dataset", "num_images", "image_size",
+                                     "ks", "seed", "kmeans")}
 
 
 def save_pseudo_labels(out: str | os.PathLike, labels: dict[int, torch.Tensor], meta: dict) -> Path:
@@ -250,7 +250,8 @@ def build_pseudo_labels(dataset, out: str | os.PathLike, *, encoder: str | os.Pa
     enc_sha = file_sha256(resolve_encoder_files(encoder)[0]) if source == "encoder" else None
     meta = {"format": FORMAT, "source": source, "encoder_sha256": enc_sha,
             "encoder": str(encoder) if encoder is not None else None, "dataset": dataset.name,
-            "num_images": int(len(dataset.labels)), "ks": list(ks), "seed": int(seed),
+            "num_images": int(len(dataset.labels)), "image_size": list(dataset.images.shape[-2:]),
+            "ks": list(ks), "seed": int(seed),
             "kmeans": kmeans_backend}
     old = read_meta(out) if Path(out).is_file() else None
     if old is not None and not rebuild:
