@@ -92,8 +92,9 @@ def _batch(b=12, size=8):
     return Batch(views, torch.zeros(b, dtype=torch.int64), torch.arange(b))
 
 
-def test_training_step_is_the_official_recipe():
-    m, _ = _method()
+@pytest.mark.parametrize("local_batch", [None, 4])
+def test_training_step_is_the_official_recipe(local_batch):
+    m, _ = _method(local_batch=local_batch)
     m.train()
     batch = _batch()
     x1, x2 = batch.views[0], batch.views[1]
@@ -103,10 +104,13 @@ def test_training_step_is_the_official_recipe():
     with torch.no_grad():  # train-mode forwards: each depends only on its own batch
         z_reg = m.head(m.backbone(torch.cat([x_adv, x2]))).double()
         z_rep = m.head(m.backbone(torch.cat([x1, x2, x_adv]))).double()
-    expected = (official_nt_xent(official_pairwise_similarity(z_rep, 0.5), "Rep")
-                + official_nt_xent(official_pairwise_similarity(z_reg, 0.5), "None") / 256)
+    # the regulariser per GPU's share of the batch (local_batch), averaged; 'Rep' over the whole batch
+    g = local_batch or 12
+    reg = [official_nt_xent(official_pairwise_similarity(torch.cat([z_reg[s:s + g], z_reg[12 + s:12 + s + g]]), 0.5),
+                            "None") for s in range(0, 12, g)]
+    expected = (official_nt_xent(official_pairwise_similarity(z_rep, 0.5), "Rep") + sum(reg) / len(reg) / 256)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert set(metrics) == {"loss_rep", "loss_adv_reg"}
+    assert metrics["loss_adv_reg"].item() == pytest.approx((sum(reg) / len(reg)).item(), rel=1e-5)
 
 
 def test_attack_raises_its_loss_in_eval_mode_and_stays_in_the_ball():
@@ -143,3 +147,5 @@ def test_options_are_checked():
         _method(loss_form="eq3")
     with pytest.raises(ValueError, match="lamda must be > 0"):
         _method(lamda=0)
+    with pytest.raises(ValueError, match="local_batch must be a positive int"):
+        _method(local_batch=0)

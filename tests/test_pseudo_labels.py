@@ -110,7 +110,8 @@ def test_official_pickle_is_read(tmp_path):
     back = pl.read_official_pickle(path)
     assert set(back) == set(arrays) and all(np.array_equal(back[k], arrays[k]) for k in arrays)
     labels = pl.load_pseudo_labels(path, num_images=30, ks=[2, 10])
-    assert labels[10].dtype == torch.int64 and torch.equal(labels[10], torch.from_numpy(arrays["pseudo_train_10"]).long())
+    assert labels[10].dtype == torch.int64
+    assert torch.equal(labels[10], torch.from_numpy(arrays["pseudo_train_10"]).long())
 
 
 class _Evil:

@@ -19,6 +19,10 @@ denominator over all other rows; the total is divided by the number of anchors. 
 feature of the fused ops.nt_xent, and the matrix is only 3B x 3B. ``method.loss_form=paper`` uses
 the paper's eq. 3 instead: ops.nt_xent(positives="sum_in_numerator"), symmetric gradients.
 
+Two GPUs of 256 (official): the 'Rep' loss all_gathers the three views of the whole batch of 512,
+but the attack and the regulariser see only their GPU's 256 images; ``method.local_batch=256`` (the
+preset) reproduces that grouping, and BN runs over the whole batch (SyncBN in the official run).
+
 Deviations: LARS comes from advfast.optim (official: torchlars), and the warmup/cosine schedule is
 per iteration (official: per epoch). See docs/methods.md.
 """
@@ -53,7 +57,8 @@ def rocl_preset(dataset: str) -> dict[str, Any]:
                 optim=dict(name="lars", lr=1.5, momentum=0.9, weight_decay=1e-6, lars_eta=1e-3,
                            lars_exclude_bn_bias=False, schedule="cosine", warmup_epochs=10.0,
                            warmup_start_lr=0.1, min_lr=0.0),
-                attack=dict(kind="pgd", norm="linf", eps=0.0314, alpha=0.007, steps=7, random_start=True))
+                attack=dict(kind="pgd", norm="linf", eps=0.0314, alpha=0.007, steps=7, random_start=True),
+                method_options=dict(local_batch=256))
 
 
 @register
@@ -70,12 +75,17 @@ class RoCL(Method):
         head_hidden: int | None = None  # projector width (None: 2048)
         normalize_input: bool = False  # the official model does not normalise its input
         loss_backend: str = "auto"  # backend of ops.nt_xent (loss_form=paper)
+        # images per GPU of the official run: its attack and 1/lamda regulariser see only their GPU's
+        # images as negatives (no all_gather), while the 'Rep' loss gathers the whole batch. None: one group.
+        local_batch: int | None = None
 
     def __init__(self, cfg, num_classes: int, mean, std):
         super().__init__(cfg, num_classes, mean, std)
         o = self.options
         if o.loss_form not in ("official", "paper"):
             raise ValueError(f"method.loss_form must be 'official' or 'paper', got {o.loss_form!r}")
+        if o.local_batch is not None and o.local_batch < 1:
+            raise ValueError(f"method.local_batch must be a positive int or None, got {o.local_batch}")
         if not o.lamda > 0:
             raise ValueError(f"method.lamda must be > 0 (the regulariser weight is 1/lamda), got {o.lamda}")
         self.temperature = float(cfg.temperature)
@@ -102,6 +112,13 @@ class RoCL(Method):
         return nt_xent(z, num_views, temperature=self.temperature, positives="sum_in_numerator",
                        normalize=True, backend=self.options.loss_backend)
 
+    def pair_loss(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
+        """NT-Xent 'None' of cat(z_a, z_b) within each group of ``local_batch`` images (one GPU's
+        share in the official run), averaged over the groups as DDP averages their gradients."""
+        g = self.options.local_batch or z_a.shape[0]
+        losses = [self.contrastive_loss(torch.cat([z_a[s:s + g], z_b[s:s + g]]), 2) for s in range(0, z_a.shape[0], g)]
+        return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+
     def attack(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         """Instance-wise attack on t1 with t2 as the positive, model and projector in eval mode."""
         a = self.cfg.attack
@@ -110,8 +127,9 @@ class RoCL(Method):
         was_training = self.training
         self.eval()
         try:
-            def loss_fn(x):
-                return self.contrastive_loss(self.project(torch.cat([x, x2])), 2)
+            def loss_fn(x):  # eval mode: one forward, then the groups (features do not depend on the batch)
+                z = self.project(torch.cat([x, x2]))
+                return self.pair_loss(z[:x.shape[0]], z[x.shape[0]:])
 
             if a.kind == "fgsm":
                 x_adv = attacks.fgsm(loss_fn, x1, a.eps, norm=a.norm, random_start=a.random_start)
@@ -124,7 +142,8 @@ class RoCL(Method):
     def training_step(self, batch):
         x1, x2 = batch.views[0], batch.views[1]
         x_adv = self.attack(x1, x2)
-        loss_reg = self.contrastive_loss(self.project(torch.cat([x_adv, x2])), 2)
+        z_reg = self.project(torch.cat([x_adv, x2]))  # one BN batch, as SyncBN over the GPUs
+        loss_reg = self.pair_loss(z_reg[:x1.shape[0]], z_reg[x1.shape[0]:])
         loss_rep = self.contrastive_loss(self.project(torch.cat([x1, x2, x_adv])), 3)
         loss = loss_rep + loss_reg / self.options.lamda
         return loss, {"loss_rep": loss_rep.detach(), "loss_adv_reg": loss_reg.detach()}
