@@ -1,4 +1,8 @@
-"""Methods: one module each, registered by name."""
+"""Methods: one module each, registered by name (``METHODS[name] -> class``).
+
+simclr and acl (simclr.py, acl.py); moco, amoc and moco-adv (moco.py, amoc.py, moco_adv.py);
+advcl and rocl (advcl.py, rocl.py). Each module registers its class with ``@register`` on import.
+"""
 
 from advfast.methods.base import Method
 
@@ -6,8 +10,12 @@ METHODS: dict[str, type[Method]] = {}
 
 
 def register(cls: type[Method]) -> type[Method]:
+    if getattr(cls, "name", None) in METHODS and METHODS[cls.name] is not cls:
+        raise ValueError(f"method name {cls.name!r} is registered twice")
     METHODS[cls.name] = cls
     return cls
 
+
+from advfast.methods import acl, advcl, amoc, moco, moco_adv, rocl, simclr  # noqa: E402,F401  (registration)
 
 __all__ = ["METHODS", "Method", "register"]

@@ -13,12 +13,13 @@ and uses ``method.encoder`` with ``method.eval_branch`` for evaluation and expor
 from __future__ import annotations
 
 import dataclasses
+import typing
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from advfast.config import TrainConfig, closest, field_names
+from advfast.config import TrainConfig, closest, coerce, field_names
 
 
 class Method(nn.Module):
@@ -47,6 +48,12 @@ class Method(nn.Module):
         return {}
 
     @classmethod
+    def augment_for(cls, variant: str | None):
+        """The data preset (or custom views) producing this method's views for ``variant``; the
+        engine builds the augmentation from it. Override when the views depend on the variant."""
+        return cls.augment_preset
+
+    @classmethod
     def resolve_variant(cls, variant: str | None) -> str | None:
         if variant is None:
             return cls.default_variant
@@ -60,10 +67,16 @@ class Method(nn.Module):
     @classmethod
     def parse_options(cls, given: dict[str, Any]):
         names = field_names(cls.Options)
-        for key in given:
+        try:
+            hints = typing.get_type_hints(cls.Options)
+        except Exception:  # unresolvable annotations: take the values as given
+            hints = {}
+        values = {}
+        for key, value in given.items():
             if key not in names:
                 raise ValueError(f"unknown option method.{key} for {cls.name!r}{closest(key, names)}")
-        return cls.Options(**given)
+            values[key] = coerce(value, hints.get(key), f"method.{key}")
+        return cls.Options(**values)
 
     # ---- the recipe ----------------------------------------------------------------------------
     def training_step(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

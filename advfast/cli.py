@@ -1,0 +1,258 @@
+"""Command-line entry points. ``advfast-train`` (also ``python -m advfast.train``).
+
+Settings are layered, later wins: TrainConfig defaults < the method's preset for the dataset <
+--config FILE.yaml < the shortcut flags (--arch, --epochs, ...) < --set key=value. Bad input is
+one line on stderr and exit code 2 (ADVFAST_DEBUG=1 shows the traceback instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+PROG = "advfast-train"
+# keys a resumed run may change: where and how it runs, not what it computes
+RESUMABLE_KEYS = ("device", "progress", "log_every", "ckpt_every", "keep_last", "max_steps", "data_dir", "download",
+                  "out", "augment_backend")
+
+
+class UsageError(ValueError):
+    """Bad command-line input."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        raise UsageError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, description="Adversarial contrastive pre-training (ACL, AMOC, MoCo-PGD/FGSM, AdvCL, "
+                "RoCL and the SimCLR / MoCo baselines). Example: advfast-train --method acl --dataset digits "
+                "--out runs/acl", allow_abbrev=False)
+    p.add_argument("--list", action="store_true", help="list methods, variants and their presets, then exit")
+    p.add_argument("--method", help="training method (see --list)")
+    p.add_argument("--variant", help="method variant (default: the method's own)")
+    p.add_argument("--dataset", help="cifar10, cifar100, stl10, digits (default; bundled, offline), synthetic, "
+                   "imagefolder")
+    p.add_argument("--data-dir", help="dataset root (default $ADVFAST_DATA or ./data)")
+    p.add_argument("--download", action="store_true", help="download the dataset if missing")
+    p.add_argument("--arch", help="resnet18, resnet50, wrn34_10, convnet")
+    p.add_argument("--epochs", help="training epochs")
+    p.add_argument("--batch-size", help="images per step")
+    p.add_argument("--image-size", help="image side in pixels (digits, imagefolder, synthetic)")
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML file of settings (same keys as --set, nested)")
+    p.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                   help="override one setting, e.g. --set attack.eps=8/255 --set optim.lr=0.5 "
+                        "--set method.queue_size=4096 (repeatable)")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--seed", help="random seed")
+    p.add_argument("--out", help="run directory (checkpoints, metrics, encoder.safetensors)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """['attack.eps=8/255', 'method.queue_size=4096'] -> {'attack': {'eps': '8/255'}, 'method_options': {...}}."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UsageError(f"--set takes KEY=VALUE, got {item!r}")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        parts = key.split(".")
+        if parts[0] == "method" and len(parts) > 1:
+            parts[0] = "method_options"
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UsageError(f"--set {key}: {part} was already given a value")
+        node[parts[-1]] = value
+    return out
+
+
+def _load_yaml(path: str) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UsageError(f"--config {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {path} must hold a mapping of settings, got {type(data).__name__}")
+    if isinstance(data.get("method"), dict):  # method knobs may be written under "method:" when the name is elsewhere
+        raise UsageError(f"--config {path}: give the method's options under method_options:, and its name as method:")
+    return data
+
+
+def _flag_overrides(args) -> dict[str, Any]:
+    flags = {"data_dir": args.data_dir, "arch": args.arch, "epochs": args.epochs, "batch_size": args.batch_size,
+             "image_size": args.image_size, "device": args.device, "seed": args.seed}
+    out = {k: v for k, v in flags.items() if v is not None}
+    if args.download:
+        out["download"] = True
+    if args.no_progress:
+        out["progress"] = False
+    return out
+
+
+def build_train_config(args):
+    """TrainConfig from parsed arguments (and, on --resume, the run's saved config)."""
+    from advfast.config import apply_overrides, to_dict
+    from advfast.engine.rundir import RUN_FILE
+    from advfast.engine.trainer import build_config, load_run_config
+
+    yaml_cfg = _load_yaml(args.config) if args.config else {}
+    choice = {k: getattr(args, k) if getattr(args, k) is not None else yaml_cfg.pop(k, None)
+              for k in ("method", "variant", "dataset")}
+    yaml_cfg = {k: v for k, v in yaml_cfg.items() if k not in choice}
+    layers = [yaml_cfg, _flag_overrides(args), parse_set(args.set), {"out": args.out}]
+
+    if args.resume:
+        if not (Path(args.out) / RUN_FILE).is_file():
+            raise UsageError(f"nothing to resume in {args.out} (no {RUN_FILE}); start the run without --resume")
+        cfg = load_run_config(args.out)
+        saved = to_dict(cfg)
+        for key, given in choice.items():
+            if given is not None and given != saved[key]:
+                raise UsageError(f"--{key} {given} differs from the run in {args.out} ({saved[key]}); "
+                                 f"drop it to resume, or start a new run with another --out")
+        for layer in layers:
+            apply_overrides(cfg, layer)
+        changed = [k for k, v in to_dict(cfg).items() if k not in RESUMABLE_KEYS and v != saved[k]]
+        if changed:
+            raise UsageError(f"--resume continues the run as it was configured; {', '.join(changed)} cannot change "
+                             f"(only {', '.join(RESUMABLE_KEYS)} can)")
+        return cfg
+    if choice["method"] is None:
+        raise UsageError("--method is required (see advfast-train --list)")
+    from advfast.data.datasets import DATASETS
+    from advfast.config import closest
+
+    dataset = choice["dataset"] or "digits"
+    if dataset not in DATASETS:
+        raise UsageError(f"unknown dataset {dataset!r}{closest(dataset, DATASETS)}; choose from {', '.join(DATASETS)}")
+    return build_config(choice["method"], choice["variant"], dataset, layers)
+
+
+# ---- --list ------------------------------------------------------------------------------------------
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{'method' if k == 'method_options' else key}."))
+        else:
+            out[key] = v
+    return out
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        k = v * 255
+        if v and abs(k - round(k)) < 1e-9 and v < 1:
+            return f"{round(k)}/255"
+        return f"{v:g}"
+    return str(v)
+
+
+def list_methods(file=None) -> None:
+    from advfast.config import TrainConfig, to_dict
+    from advfast.methods import METHODS
+
+    file = file or sys.stdout
+    datasets = ("cifar10", "cifar100", "stl10", "digits")
+    print("methods (advfast-train --method NAME [--variant V] --dataset D --out DIR):", file=file)
+    for name in sorted(METHODS):
+        cls = METHODS[name]
+        variants = ", ".join(f"{v} (default)" if v == cls.default_variant else v for v in cls.variants) or "-"
+        augments = {}
+        for v in cls.variants or (None,):
+            views = cls.augment_for(v)
+            augments.setdefault(views if isinstance(views, str) else "custom views", []).append(v)
+        augment = ", ".join(k if len(augments) == 1 else f"{k} ({', '.join(vs)})" for k, vs in augments.items())
+        print(f"\n{name}\n  variants: {variants}\n  augment: {augment}", file=file)
+        opts = {f.name: f.default for f in __import__("dataclasses").fields(cls.Options)}
+        if opts:
+            print("  options: " + " ".join(f"method.{k}={_fmt(v)}" for k, v in opts.items()), file=file)
+        for variant in cls.variants or (None,):
+            groups: dict[str, list[str]] = {}
+            for ds in datasets:
+                flat = _flatten(cls.preset(ds, variant))
+                line = " ".join(f"{k}={_fmt(v)}" for k, v in flat.items())
+                groups.setdefault(line, []).append(ds)
+            for line, dss in groups.items():
+                tag = f"{variant}, " if variant else ""
+                print(f"  preset [{tag}{', '.join(dss)}]: {line}", file=file)
+    defaults = _flatten({k: v for k, v in to_dict(TrainConfig()).items()
+                         if k not in ("method", "variant", "method_options")})
+    print("\ndefaults under every preset (change with --set KEY=VALUE or --config FILE.yaml):", file=file)
+    print("  " + " ".join(f"{k}={_fmt(v)}" for k, v in defaults.items()), file=file)
+
+
+# ---- advfast-train -----------------------------------------------------------------------------------
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return code
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    import yaml
+
+    from advfast.engine.checkpoint import CheckpointError
+
+    debug = bool(os.environ.get("ADVFAST_DEBUG"))
+    user_errors = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError, yaml.YAMLError,
+                   CheckpointError)
+    try:
+        args = _parser().parse_args(argv)
+        if args.list:
+            list_methods()
+            return 0
+        if not args.out:
+            raise UsageError("--out DIR is required (the run directory)")
+        cfg = build_train_config(args)
+        from advfast.engine import Trainer
+
+        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
+    except user_errors as e:
+        if debug:
+            raise
+        return _fail(str(e).splitlines()[0] if str(e) else e.__class__.__name__)
+    from advfast.engine.trainer import TrainingDiverged
+
+    try:
+        summary = trainer.fit()
+    except TrainingDiverged as e:
+        if debug:
+            raise
+        return _fail(str(e), code=1)
+    last = summary["last"] or {}
+    loss = f", loss {last['loss']:.4f}" if "loss" in last else ""
+    print(f"{PROG}: {summary['step']}/{summary['total_steps']} steps{loss}; run in {summary['out']} "
+          f"(encoder: {Path(summary['out']) / 'encoder.safetensors'})", flush=True)
+    if summary["stopped_by"] == "SIGINT":
+        return 130
+    if summary["stopped_by"] == "SIGTERM":
+        return 143
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(train_main())

@@ -1,0 +1,202 @@
+"""Checkpoints: tensors in safetensors, everything else in JSON; loading never unpickles.
+
+A checkpoint is the pair ``ckpt-<step>.safetensors`` + ``ckpt-<step>.json`` in ``<run>/checkpoints``.
+Each file is written to a temporary name, fsynced and moved into place with os.replace, tensors
+first; the JSON is written last and records the SHA-256 of the tensor file, so a checkpoint exists
+only once both files are whole, and a truncated or altered one is detected by name and skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT = "advfast-checkpoint-1"
+_NAME = re.compile(r"ckpt-(\d{9})\.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: corrupt, truncated, or from another run."""
+
+
+# ---- atomic files ---------------------------------------------------------------------------------
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, allow_nan=False) + "\n").encode())
+
+
+def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """Write ``tensors`` to ``path`` atomically; returns the file's SHA-256."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        digest = _sha256(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+    return digest
+
+
+def _sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def _unlink(path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+# ---- state <-> (tensors, json) ---------------------------------------------------------------------
+
+def _plain_tensor(t: torch.Tensor) -> torch.Tensor:
+    # safetensors wants contiguous tensors that share no storage; clone() guarantees both
+    return t.detach().to("cpu", copy=True).contiguous()
+
+
+def flatten_optimizer_state(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split ``optimizer.state_dict()`` into tensors (keys ``optim.<param>.<name>``) and JSON."""
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, dict[str, Any]] = {}
+    for idx, entry in state["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{idx}.{name}"] = _plain_tensor(value)
+            else:
+                plain.setdefault(str(idx), {})[name] = value
+    return tensors, {"plain": plain, "param_groups": state["param_groups"]}
+
+
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    for idx, entry in meta["plain"].items():
+        state.setdefault(int(idx), {}).update(entry)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, *, model_state: dict[str, torch.Tensor], optimizer_state: dict,
+                    rng_tensors: dict[str, torch.Tensor], meta: dict[str, Any], keep_last: int) -> Path:
+    """Write checkpoint ``step`` atomically and prune all but the newest ``keep_last``. Returns the JSON path."""
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": _plain_tensor(v) for k, v in model_state.items()}
+    optim_tensors, optim_meta = flatten_optimizer_state(optimizer_state)
+    tensors.update(optim_tensors)
+    tensors.update({f"rng.{k}": _plain_tensor(v) for k, v in rng_tensors.items()})
+    stem = f"ckpt-{step:09d}"
+    digest = atomic_save_tensors(ckpt_dir / f"{stem}.safetensors", tensors, metadata={"format": FORMAT})
+    record = dict(meta, format=FORMAT, step=step, tensors=f"{stem}.safetensors", sha256=digest, optimizer=optim_meta)
+    json_path = ckpt_dir / f"{stem}.json"
+    atomic_write_json(json_path, record)
+    prune(ckpt_dir, keep_last)
+    return json_path
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """JSON files of the checkpoints in ``ckpt_dir``, oldest first."""
+    ckpt_dir = Path(ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p for p in ckpt_dir.iterdir() if _NAME.fullmatch(p.name))
+
+
+def prune(ckpt_dir: Path, keep_last: int) -> None:
+    for json_path in list_checkpoints(ckpt_dir)[:-keep_last]:
+        _unlink(json_path)  # the JSON first: a half-pruned checkpoint is never mistaken for a whole one
+        _unlink(json_path.with_suffix(".safetensors"))
+    for tmp in Path(ckpt_dir).glob(".*.tmp"):  # leftovers of writes killed midway
+        _unlink(tmp)
+
+
+def load_checkpoint(json_path: Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+    """Read one checkpoint, verifying it whole. Returns (meta, {"model": ..., "optimizer": ..., "rng": ...});
+    raises CheckpointError naming the file when it is truncated, altered or not an advfast checkpoint."""
+    json_path = Path(json_path)
+    try:
+        meta = json.loads(json_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint {json_path} is unreadable ({e.__class__.__name__}: {e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{json_path} is not an advfast checkpoint (format {FORMAT!r} expected)")
+    tensor_path = json_path.parent / meta["tensors"]
+    if tensor_path.parent != json_path.parent or not tensor_path.is_file():
+        raise CheckpointError(f"checkpoint {json_path} lacks its tensor file {tensor_path.name}")
+    if _sha256(tensor_path) != meta.get("sha256"):
+        raise CheckpointError(f"checkpoint {tensor_path} is truncated or altered (SHA-256 mismatch)")
+    try:
+        flat = load_file(tensor_path)
+    except Exception as e:  # safetensors raises its own error types
+        raise CheckpointError(f"checkpoint {tensor_path} is unreadable ({e})") from None
+    parts: dict[str, dict[str, torch.Tensor]] = {"model": {}, "optimizer": {}, "rng": {}}
+    for key, value in flat.items():
+        kind, _, rest = key.partition(".")
+        if kind == "model":
+            parts["model"][rest] = value
+        elif kind == "optim":
+            parts["optimizer"][key] = value
+        elif kind == "rng":
+            parts["rng"][rest] = value
+    parts["optimizer"] = unflatten_optimizer_state(parts["optimizer"], meta["optimizer"])
+    return meta, parts
+
+
+def latest_valid_checkpoint(ckpt_dir: Path, warn=print):
+    """The newest checkpoint that loads whole, as (meta, parts); broken ones are reported through
+    ``warn`` by name and skipped. None when there is none."""
+    for json_path in reversed(list_checkpoints(ckpt_dir)):
+        try:
+            return load_checkpoint(json_path)
+        except CheckpointError as e:
+            warn(f"advfast: skipping {e}")
+    return None

@@ -1,0 +1,59 @@
+"""Device, mixed precision and memory format, resolved once from the config.
+
+bf16 autocast on a GPU by default (fp16 with a GradScaler on request), fp32 on a CPU; the
+parameters stay fp32 (master weights) whatever the compute dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from advfast.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class Precision:
+    device: torch.device
+    dtype: torch.dtype  # compute dtype under autocast (float32: autocast off)
+    channels_last: bool
+
+    @property
+    def name(self) -> str:
+        return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def grad_scaler(self):
+        """A GradScaler for fp16 (bf16 and fp32 need none)."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} asked for, but no CUDA GPU is visible; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r} does not exist ({torch.cuda.device_count()} GPU(s) visible)")
+    return device
+
+
+def resolve_precision(cfg: TrainConfig) -> Precision:
+    device = resolve_device(cfg.device)
+    on_gpu = device.type == "cuda"
+    name = cfg.precision if cfg.precision != "auto" else ("bf16" if on_gpu else "fp32")
+    if name == "fp16" and not on_gpu:
+        raise ValueError("precision fp16 needs a GPU; use --set precision=bf16 or fp32 on a CPU")
+    if name == "bf16" and on_gpu and not torch.cuda.is_bf16_supported():
+        raise ValueError("this GPU has no bf16 support; use --set precision=fp16")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and on_gpu)
+    return Precision(device=device, dtype=dtype, channels_last=channels_last)
