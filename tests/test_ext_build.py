@@ -255,3 +255,71 @@ def test_pgd_step_rejects_zero_dim_and_meta_mismatch():
 def test_ema_update_rejects_bad_arguments(ema, src, m, exc, match):
     with pytest.raises(exc, match=match):
         ops().ema_update_(ema, src, m)
+
+
+# --- CUDA kernels (run where a GPU is present) ---------------------------------------------------
+
+needs_cuda_kernels = pytest.mark.skipif(
+    not (torch.cuda.is_available() and _ext.extension_has_cuda()),
+    reason="needs a CUDA GPU and advfast._C built with its CUDA kernels")
+
+CUDA_CASES = CASES + [
+    ((3, 3, 224, 224), torch.float32, torch.bfloat16, True),  # split l2 path (> 16384 per sample)
+    ((7, 3, 33, 31), torch.float32, torch.float32, False),    # sample % 4 != 0: scalar path
+    ((5, 6), torch.float32, torch.float64, False),            # float64 grad is cast on the way in
+]
+
+
+@pytest.mark.gpu
+@needs_cuda_kernels
+@pytest.mark.parametrize("norm", [LINF, L2], ids=["linf", "l2"])
+@pytest.mark.parametrize("shape,x_dtype,g_dtype,channels_last", CUDA_CASES)
+def test_cuda_pgd_step_matches_float64_reference(shape, x_dtype, g_dtype, channels_last, norm):
+    inputs = make_pgd_inputs(shape, x_dtype, g_dtype, channels_last, zero_grad_rows=(0,))
+    x_adv, x_nat, grad, eps, alpha = (t.cuda() for t in inputs)
+    expected = pgd_step_ref(*inputs, norm, 0.0, 1.0)
+    ops().pgd_step_(x_adv, x_nat, grad, eps, alpha, norm, 0.0, 1.0)
+    torch.testing.assert_close(x_adv.double().cpu(), expected, rtol=0, atol=tol(x_dtype))
+
+
+@pytest.mark.gpu
+@needs_cuda_kernels
+def test_cuda_pgd_step_unaligned_views_and_graph_capture():
+    base = torch.rand(4 * 3 * 8 * 8 + 1, device="cuda")
+    x_adv = base[1:].view(4, 3, 8, 8)  # 4-byte offset: no 128-bit loads
+    x_nat = x_adv.clone()
+    grad = torch.randn_like(x_adv)
+    eps, alpha = torch.full((4,), 0.05, device="cuda"), torch.full((4,), 0.01, device="cuda")
+    expected = pgd_step_ref(x_adv.cpu(), x_nat.cpu(), grad.cpu(), eps.cpu(), alpha.cpu(), L2, 0.0, 1.0)
+    graph = torch.cuda.CUDAGraph()
+    start = x_adv.clone()
+    torch.cuda.synchronize()
+    with torch.cuda.graph(graph):
+        ops().pgd_step_(x_adv, x_nat, grad, eps, alpha, L2, 0.0, 1.0)
+    x_adv.copy_(start)
+    graph.replay()
+    torch.testing.assert_close(x_adv.double().cpu(), expected, rtol=0, atol=2e-6)
+
+
+@pytest.mark.gpu
+@needs_cuda_kernels
+@pytest.mark.parametrize("count", [5, 300], ids=["one-small-batch", "large-batch"])
+def test_cuda_ema_update_matches_reference(count):
+    m = 0.99
+    dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+    ema, src = [], []
+    for i in range(count):
+        n = int(torch.randint(1, 9000, ()))
+        d = dtypes[i % 4]
+        ema.append(torch.randn(n, dtype=d, device="cuda"))
+        src.append(torch.randn(n, dtype=d, device="cuda"))
+    ema.append(torch.tensor(4, device="cuda"))
+    src.append(torch.tensor(8, device="cuda"))
+    big = torch.randn(2 * 70001 + 1, device="cuda")
+    ema.append(big[1:70002])  # unaligned view
+    src.append(torch.randn(70001, device="cuda"))
+    expected = [ema_ref(e.cpu(), s.cpu(), m) for e, s in zip(ema, src)]
+    ops().ema_update_(ema, src, m)
+    for e, x in zip(ema, expected):
+        atol = {torch.bfloat16: 1e-2, torch.float16: 2e-3}.get(e.dtype, 1e-6)
+        torch.testing.assert_close(e.cpu(), x, rtol=0, atol=atol)
