@@ -125,11 +125,12 @@ def _chunk_masks(rows: torch.Tensor, cols: torch.Tensor, mask_diag: bool, period
 
 
 def _chunks(q: torch.Tensor, keys: torch.Tensor):
-    """Yield (cols, fp32 key block) so that rows x block stays within CHUNK_ELEMENTS."""
+    """Yield (c0, cols, fp32 key block) so that rows x block stays within CHUNK_ELEMENTS; c0 is the
+    block's first key as a python int (slicing with a device tensor would read it back to the host)."""
     step = max(1, CHUNK_ELEMENTS // q.shape[0])
     for c0 in range(0, keys.shape[0], step):
         block = keys[c0:c0 + step].float()
-        yield torch.arange(c0, c0 + block.shape[0], device=keys.device), block
+        yield c0, torch.arange(c0, c0 + block.shape[0], device=keys.device), block
 
 
 def _chunked_forward(q, keys, scale, mask_diag, period, pos_mode):
@@ -141,7 +142,7 @@ def _chunked_forward(q, keys, scale, mask_diag, period, pos_mode):
         pos = torch.zeros_like(lse)
     elif pos_mode == 2:
         pos = torch.full_like(lse, float("-inf"))
-    for cols, kb in _chunks(q, keys):
+    for _, cols, kb in _chunks(q, keys):
         s = (qf @ kb.T).mul_(scale)
         self_hit, is_pos = _chunk_masks(rows, cols, mask_diag, period, pos_mode)
         if self_hit is not None:
@@ -159,7 +160,7 @@ def _chunked_backward(q, keys, scale, lse, g_lse, pos, g_pos, mask_diag, period,
     rows = torch.arange(q.shape[0], device=q.device)
     dq = torch.zeros_like(qf) if need_dq else None
     dk = torch.empty(keys.shape, device=keys.device, dtype=torch.float32) if need_dk else None
-    for cols, kb in _chunks(q, keys):
+    for c0, cols, kb in _chunks(q, keys):
         s = (qf @ kb.T).mul_(scale)
         self_hit, is_pos = _chunk_masks(rows, cols, mask_diag, period, pos_mode)
         if self_hit is not None:
@@ -173,7 +174,7 @@ def _chunked_backward(q, keys, scale, lse, g_lse, pos, g_pos, mask_diag, period,
         if need_dq:
             dq.addmm_(ds, kb)
         if need_dk:
-            dk[cols[0]:cols[0] + cols.shape[0]] = ds.T @ qf
+            dk[c0:c0 + cols.shape[0]] = ds.T @ qf
     return dq, dk
 
 
