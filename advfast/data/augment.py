@@ -96,17 +96,18 @@ class Augment:
             if isinstance(op, ResizedCrop):
                 p["box"] = sample_resized_crop(b, h, w, op.scale, op.ratio, g, device)
             elif isinstance(op, PadCrop):
-                span = torch.tensor([h + 2 * op.padding - out[0] + 1, w + 2 * op.padding - out[1] + 1],
-                                    device=device)
-                p["offset"] = (self._rand((b, 2), g, device) * span).long().minimum(span - 1)
+                spans = (h + 2 * op.padding - out[0] + 1, w + 2 * op.padding - out[1] + 1)
+                u = self._rand((b, 2), g, device)
+                # python-number columns: torch.tensor(..., device=cuda) would be a blocking copy per batch
+                p["offset"] = torch.stack([(u[:, k] * n).long().clamp_max(n - 1) for k, n in enumerate(spans)], 1)
             elif isinstance(op, Flip):
                 p["flip"] = self._rand(b, g, device) < op.p
             elif isinstance(op, Jitter):
                 p["jitter"] = self._rand(b, g, device) < op.p
                 u = self._rand((b, 4), g, device)
-                lo = torch.tensor([1 - op.brightness, 1 - op.contrast, 1 - op.saturation, -op.hue], device=device)
-                hi = torch.tensor([1 + op.brightness, 1 + op.contrast, 1 + op.saturation, op.hue], device=device)
-                p["factors"] = lo + u * (hi - lo)
+                lo = (1 - op.brightness, 1 - op.contrast, 1 - op.saturation, -op.hue)
+                hi = (1 + op.brightness, 1 + op.contrast, 1 + op.saturation, op.hue)
+                p["factors"] = torch.stack([lo[k] + u[:, k] * (hi[k] - lo[k]) for k in range(4)], 1)
                 p["order"] = self._rand((b, 4), g, device).argsort(1)  # a uniform random permutation
             elif isinstance(op, Grayscale):
                 p["gray"] = self._rand(b, g, device) < op.p

@@ -87,7 +87,8 @@ def resize(x: torch.Tensor, size: tuple[int, int], kind: str = "bilinear") -> to
     b, _, h, w = x.shape
     if (h, w) == tuple(size):
         return x
-    box = torch.tensor([[0, 0, h, w]], device=x.device).expand(b, 4)
+    box = torch.zeros((b, 4), dtype=torch.int64, device=x.device)  # filled on the device: no host copy
+    box[:, 2], box[:, 3] = h, w
     return resized_crop(x, box, size, kind)
 
 
@@ -193,8 +194,8 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor,
     """
     if apply is None:
         apply = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-    neutral = torch.tensor([1.0, 1.0, 1.0, 0.0], device=x.device)
-    factors = torch.where(apply[:, None], factors.to(torch.float32), neutral)
+    # skipped samples blend with factor 1 (identity); their hue shift is never applied (is_hue below)
+    factors = torch.where(apply[:, None], factors.to(torch.float32), 1.0)
     colour = x.shape[1] == 3
     for stage in range(4):
         op = order[:, stage]
