@@ -125,8 +125,10 @@ def test_metrics_and_exported_encoder(tmp_path):
         assert torch.allclose(plain(x), trainer.method.encoder(x, "pgd"), atol=1e-6)
 
 
-def test_divergence_stops_with_the_last_good_checkpoint_named(tmp_path, monkeypatch):
-    trainer = Trainer(small_config(tmp_path, max_steps=4))
+@pytest.mark.parametrize("log_every", [1, 10])
+def test_divergence_stops_with_the_last_good_checkpoint_named(tmp_path, monkeypatch, log_every):
+    """Caught at the log point, or at a checkpoint between log points: no NaN weights are saved."""
+    trainer = Trainer(small_config(tmp_path, max_steps=4, log_every=log_every))
     step = trainer.method.training_step
 
     def poisoned(batch):
@@ -136,6 +138,7 @@ def test_divergence_stops_with_the_last_good_checkpoint_named(tmp_path, monkeypa
     monkeypatch.setattr(trainer.method, "training_step", poisoned)
     with pytest.raises(TrainingDiverged, match="ckpt-000000002"):
         trainer.fit()
+    assert list_checkpoints(tmp_path / "checkpoints")[-1].name == "ckpt-000000002.json"
 
 
 def test_compile_flag_trains(tmp_path):

@@ -199,3 +199,12 @@ def test_unknown_variant_and_option_are_one_line_errors():
         make_method("a2z")
     with pytest.raises(ValueError, match="did you mean 'dual_bn'"):
         make_method("ds", method_options=dict(dual_b=True))
+
+
+def test_input_is_normalised_with_imagenet_statistics_as_officially():
+    method = make_method("ds")
+    assert torch.allclose(method.encoder.normalize.mean.flatten(), torch.tensor([0.485, 0.456, 0.406]))
+    own = make_method("ds", method_options=dict(head_hidden=32, input_stats="dataset"))
+    assert torch.allclose(own.encoder.normalize.mean.flatten(), torch.tensor([0.5, 0.5, 0.5]))
+    with pytest.raises(ValueError, match="input_stats must be"):
+        make_method("ds", method_options=dict(input_stats="cifar"))

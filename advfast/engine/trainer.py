@@ -280,6 +280,9 @@ class Trainer:
                         logger.log(last)
                         progress.show(loss=last["loss"], lr=lr, img_s=last["images_per_s"])
                     if self.step % cfg.ckpt_every == 0 or end:
+                        # never checkpoint weights trained on a non-finite loss since the last check
+                        if sums and not bool(torch.isfinite(torch.stack(list(sums.values()))).all()):
+                            raise TrainingDiverged(self._diverged_message(float("nan")))
                         self.save_checkpoint()
                     if end:
                         break

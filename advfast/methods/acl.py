@@ -2,7 +2,8 @@
 
 DS (the default, the only variant the authors released) follows VITA-Group/Adversarial-Contrastive-
 Learning, train_simCLR.py --ACL_DS:
-    backbone and ACL projection head with dual BN ["normal", "pgd"], ImageNet mean/std inside the model;
+    backbone and ACL projection head with dual BN ["normal", "pgd"], ImageNet mean/std inside the
+            model (method.input_stats, from simclr);
     x_adv = PGD (eps 8/255, alpha 2/255, 5 steps, uniform start) on both views jointly, maximising the
             NT-Xent of the adversarial views through the "pgd" BN with the model in eval mode
             (here the gradient is taken w.r.t. the input only; the official code back-propagates into

@@ -3,8 +3,9 @@
 Recipe: two augmented views, one encoder and projection head, NT-Xent (T 0.5) over the 2B rows.
 The head is ACL's proj_head (512-512-512-512 with BN, ``--twoLayerProj`` drops the last layer),
 the optimiser ACL's LARS (lr 5.0, wd 1e-6, eta 1e-3, per-iteration cosine with a 10-epoch warmup,
-floor 1e-6), batch 512, 1000 epochs, input normalised inside the model: the official baseline that
-ACL's table 3 compares with ("SimCLR (S2S)").
+floor 1e-6), batch 512, 1000 epochs, input normalised inside the model with ImageNet's mean/std
+as ACL's code does for every dataset (``method.input_stats=dataset``: the dataset's own): the
+official baseline that ACL's table 3 compares with ("SimCLR (S2S)").
 """
 
 from __future__ import annotations
@@ -18,6 +19,10 @@ from advfast.ops.contrastive import nt_xent
 from advfast.methods import register
 from advfast.methods.base import Method
 from advfast.models import build_encoder, build_head
+
+
+# ACL's NormalizeByChannelMeanStd, the first op of its model's forward, for every dataset
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def acl_code_preset(dataset: str) -> dict[str, Any]:
@@ -55,10 +60,15 @@ class SimCLR(Method):
         head_hidden: int | None = None  # head width (None: the kind's default, 512 for "acl")
         two_layer_proj: bool = False  # ACL's --twoLayerProj: drop fc3 of the "acl" head
         loss_backend: str = "auto"  # backend of ops.nt_xent
+        input_stats: str = "imagenet"  # normalisation inside the model: "imagenet" as ACL's code, or "dataset"
 
     def __init__(self, cfg, num_classes: int, mean, std):
         super().__init__(cfg, num_classes, mean, std)
         self.temperature = float(cfg.temperature)
+        if self.options.input_stats not in ("imagenet", "dataset"):
+            raise ValueError(f"method.input_stats must be 'imagenet' or 'dataset', got {self.options.input_stats!r}")
+        if self.options.input_stats == "imagenet" and len(mean) == 3:
+            mean, std = IMAGENET_MEAN, IMAGENET_STD
         branches = self.branches()
         self.backbone = build_encoder(cfg.arch, branches, mean, std)
         head_kw = dict(hidden=self.options.head_hidden)
