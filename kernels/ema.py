@@ -20,6 +20,7 @@ larger models take a few launches per dtype.
 
 from __future__ import annotations
 
+import struct
 from collections import OrderedDict
 
 import torch
@@ -38,8 +39,8 @@ _TABLE_CACHE_SIZE = 32
 
 
 @triton.jit
-def _ema_kernel(table_ptr, T, m, one_minus_m, DTYPE: tl.constexpr, COMPUTE: tl.constexpr,
-                T_P2: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+def _ema_kernel(table_ptr, T, m, m_lo, one_minus_m, one_minus_m_lo, DTYPE: tl.constexpr,
+                COMPUTE: tl.constexpr, T_P2: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     ids = tl.arange(0, T_P2)
     starts = tl.load(table_ptr + 3 * T + ids, mask=ids < T, other=1 << 62)
@@ -54,8 +55,10 @@ def _ema_kernel(table_ptr, T, m, one_minus_m, DTYPE: tl.constexpr, COMPUTE: tl.c
         ema = tl.multiple_of(ema, 16)
         src = tl.multiple_of(src, 16)
     offs = (pid - first) * BLOCK + tl.arange(0, BLOCK)
-    mc = tl.cast(m, COMPUTE)
-    wc = tl.cast(one_minus_m, COMPUTE)
+    # float arguments arrive as fp32: hi + lo carries the weights to ~2^-48 for float64 tensors
+    # (for float32 compute the lo part is below half an ulp of hi and adds nothing)
+    mc = tl.cast(m, COMPUTE) + tl.cast(m_lo, COMPUTE)
+    wc = tl.cast(one_minus_m, COMPUTE) + tl.cast(one_minus_m_lo, COMPUTE)
     if (pid - first + 1) * BLOCK <= numel:
         e = tl.load(ema + offs).to(COMPUTE)
         s = tl.load(src + offs).to(COMPUTE)
@@ -95,10 +98,18 @@ def _table(pairs: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device)
     return table, total
 
 
+def split_fp32(value: float) -> tuple[float, float]:
+    """(hi, lo), both exact float32 numbers, with hi + lo == value to ~2^-48 relative: Triton passes
+    python floats to kernels as float32, which would leave float64 results float32-accurate."""
+    hi = struct.unpack("f", struct.pack("f", value))[0]
+    return hi, struct.unpack("f", struct.pack("f", value - hi))[0]
+
+
 def ema_update_(ema_tensors: list[torch.Tensor], tensors: list[torch.Tensor], momentum: float) -> None:
     """In place ema = m*ema + (1-m)*src for floating tensors (checked by advfast.ops.ema)."""
     groups: dict[torch.dtype, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     m = float(momentum)
+    weights = (*split_fp32(m), *split_fp32(1.0 - m))
     for e, s in zip(ema_tensors, tensors):
         if e.numel() == 0:
             continue
@@ -114,6 +125,6 @@ def ema_update_(ema_tensors: list[torch.Tensor], tensors: list[torch.Tensor], mo
             device = chunk[0][0].device
             table, programs = _table(chunk, device)
             aligned = all(e.data_ptr() % 16 == 0 and s.data_ptr() % 16 == 0 for e, s in chunk)
-            _ema_kernel[(programs,)](table, len(chunk), m, 1.0 - m, DTYPE=_TL_DTYPES[dtype], COMPUTE=compute,
+            _ema_kernel[(programs,)](table, len(chunk), *weights, DTYPE=_TL_DTYPES[dtype], COMPUTE=compute,
                                      T_P2=max(2, triton.next_power_of_2(len(chunk))), ALIGNED=aligned,
                                      BLOCK=BLOCK, num_warps=NUM_WARPS)

@@ -164,6 +164,8 @@ def pgd_step(out: torch.Tensor, x_adv: torch.Tensor, x_nat: torch.Tensor, grad: 
         if isinstance(v, torch.Tensor):
             t = v.to(compute_torch).expand(nb).contiguous()
             return t, 0.0, True
+        if compute_torch == torch.float64:  # float arguments reach kernels as fp32; float64 x needs all 53 bits
+            return torch.full((nb,), float(v), dtype=torch.float64, device=out.device), 0.0, True
         return work, float(v), False  # the pointer is unused when the value is a scalar
 
     eps_t, eps_s, eps_ps = radius(eps)

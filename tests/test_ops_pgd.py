@@ -17,7 +17,7 @@ BACKENDS = ["torch", "triton", "cpp", "cuda"]
 # (B, ...) shapes: ragged sample sizes, and 5000 > the 4096-element Triton block (several blocks per sample).
 SHAPES = [(1, 3, 5, 7), (3, 3, 32, 32), (7, 1001), (3, 5000)]
 # Largest error against the float64 reference, by dtype of x (half outputs: one rounding of ~[0, 1] values).
-ATOL = {torch.float64: 1e-7, torch.float32: 2e-6, torch.bfloat16: 2 ** -8 + 1e-6, torch.float16: 2 ** -11 + 1e-6}
+ATOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2 ** -8 + 1e-6, torch.float16: 2 ** -11 + 1e-6}
 
 
 def need(backend):
@@ -110,6 +110,21 @@ def test_dtypes(backend, x_dtype, g_dtype, norm):
     assert out.dtype == x_dtype
     torch.testing.assert_close(out.double(), ref, atol=ATOL[x_dtype], rtol=0)
     assert_in_ball_and_box(out, x_nat, eps, norm, tol=ATOL[x_dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_float64_with_float_radii_keeps_float64_accuracy(backend, norm):
+    """Python-float eps/alpha (8/255 is not a float32 number) must not be rounded to float32."""
+    need(backend)
+    if backend in ("cpp", "cuda"):
+        pytest.xfail("the compiled op's schema takes float32 eps/alpha tensors (csrc/registration.cpp)")
+    x_adv, x_nat, grad, _, _ = make_inputs((3, 3, 9, 11), norm, per_sample=False, x_dtype=torch.float64,
+                                           g_dtype=torch.float64)
+    eps, alpha = (8 / 255, 2 / 255) if norm == "linf" else (0.5, 0.3)
+    ref = reference64(x_adv, x_nat, grad, eps, alpha, norm)
+    out = pgd_step(x_adv, x_nat, grad, eps, alpha, norm=norm, backend=backend)
+    torch.testing.assert_close(out, ref, atol=ATOL[torch.float64], rtol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -340,7 +355,8 @@ triton.compile(ASTSource(k._pgd_l2_apply_kernel, apply, dict(
 
 from advfast.kernels import ema as ke  # noqa: E402  (compiled here too: one process for both files)
 
-table = dict(table_ptr="*i64", T="i32", m="fp32", one_minus_m="fp32", DTYPE="constexpr",
+table = dict(table_ptr="*i64", T="i32", m="fp32", m_lo="fp32", one_minus_m="fp32", one_minus_m_lo="fp32",
+             DTYPE="constexpr",
              COMPUTE="constexpr", T_P2="constexpr", ALIGNED="constexpr", BLOCK="constexpr")
 for dtype in (tl.float32, tl.bfloat16, tl.float16, tl.float64):
     for aligned_ptrs in (False, True):
