@@ -63,6 +63,26 @@ def test_torch_equals_torchvision_on_same_params(preset, size):
         torch.testing.assert_close(g, r, atol=2e-5, rtol=0)
 
 
+def test_presets_hold_the_official_parameters():
+    """The backends are compared with each other through the same presets, so the presets themselves
+    are pinned here to the official transforms (shared/reference/official_code_notes.md)."""
+    from advfast.data.presets import Blur, Grayscale, Jitter, Original, PadCrop
+
+    jitter, gray, flip = Jitter(0.4, 0.4, 0.4, 0.1, p=0.8), Grayscale(p=0.2), Flip(p=0.5)
+    ratio = (3 / 4, 4 / 3)
+    acl = (ResizedCrop((0.08, 1.0), ratio, "bicubic"), flip, jitter, gray)  # ACL: interpolation=3
+    amoc = (ResizedCrop((0.2, 1.0), ratio, "bilinear"), jitter, gray, Blur((0.1, 2.0), p=0.5), flip)
+    advcl = (ResizedCrop((0.2, 1.0), ratio, "bilinear"), flip, jitter, gray)
+    rocl = (jitter, gray, flip, ResizedCrop((0.08, 1.0), ratio, "bilinear"))  # RoCL: crop last
+    pad_crop = (PadCrop(4), flip)
+    assert PRESETS == {
+        "simclr": (acl, acl), "mocov2": (amoc, amoc), "advcl": (advcl, advcl, pad_crop),
+        "rocl": (rocl, rocl, (Original(),)), "finetune": (pad_crop,), "none": ((Original(),),)}
+    # AMOC's PIL GaussianBlur(radius=sigma) reaches ~3 sigma: 13 taps at sigma 2 on 32x32 views
+    from advfast.data.augment import blur_kernel_size
+    assert blur_kernel_size(2.0, (32, 32)) == 13
+
+
 def test_param_distributions_torch_vs_torchvision():
     n = 2500
     shape = (n, 3, 32, 32)
@@ -92,7 +112,8 @@ def test_param_distributions_torch_vs_torchvision():
 
     mt = build_augment("mocov2", "torch").sample_params(n, shape, torch.Generator().manual_seed(2))[0]
     mv = build_augment("mocov2", "torchvision").sample_params(n, shape, torch.Generator().manual_seed(2))[0]
-    assert_rate(mt["blur"], 0.5, "torch blur") and assert_rate(mv["blur"], 0.5, "torchvision blur")
+    assert_rate(mt["blur"], 0.5, "torch blur")
+    assert_rate(mv["blur"], 0.5, "torchvision blur")
     assert ks(mt["sigma"][mt["blur"]], mv["sigma"][mv["blur"]]) < ks_limit(int(mt["blur"].sum()), int(mv["blur"].sum()))
     ft = build_augment("finetune", "torch").sample_params(n, shape, torch.Generator().manual_seed(3))[0]
     fv = build_augment("finetune", "torchvision").sample_params(n, shape, torch.Generator().manual_seed(3))[0]
