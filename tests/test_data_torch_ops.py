@@ -148,3 +148,18 @@ def test_high_frequency(shape, r):
         assert got.min() < 0  # unclamped, as the official code
     with pytest.raises(TypeError, match="floating"):
         high_frequency(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
+
+
+@pytest.mark.gpu
+def test_high_frequency_first_call_inside_a_cuda_graph_capture():
+    """A mask first built during capture must not stay cached, unfilled, for eager calls."""
+    x = torch.rand(2, 3, 19, 21, device="cuda")
+    torch.fft.ifft2(torch.fft.fft2(x))  # cuFFT plans made outside the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            high_frequency(x, 5)
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.testing.assert_close(high_frequency(x, 5).cpu().double(), _hfc_reference(x.cpu(), 5), atol=1e-5, rtol=0)

@@ -213,6 +213,27 @@ def test_under_torch_compile():
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton", "torch"])
+def test_first_call_inside_a_cuda_graph_capture(backend):
+    """A radius first seen during capture must not leave a never-filled cached vector for eager calls."""
+    need(backend)
+    x_adv, x_nat, grad, _, _ = make_inputs((4, 3, 8, 8), "linf", per_sample=False)
+    eps = float(torch.rand(())) * 0.1 + 0.01  # a value no earlier test cached
+    static = x_adv.clone()
+    pgd_step(static, x_nat, grad, 2 * eps, eps, backend=backend)  # kernels loaded before the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            pgd_step_(static, x_nat, grad, eps, eps / 4, backend=backend)
+    torch.cuda.current_stream().wait_stream(stream)
+    out = pgd_step(x_adv, x_nat, grad, eps, eps / 4, backend=backend)  # eager, before any replay
+    torch.testing.assert_close(out.double(), reference64(x_adv, x_nat, grad, eps, eps / 4, "linf"),
+                               atol=ATOL[torch.float32], rtol=0)
+
+
 # ------------------------------------------------------------------------------------------ errors
 
 def _args():

@@ -28,7 +28,9 @@ def high_frequency(x: torch.Tensor, radius: float = 8) -> torch.Tensor:
     if radius < 0:
         raise ValueError(f"high_frequency: radius must be >= 0, got {radius}")
     h, w = x.shape[-2:]
-    mask = high_pass_mask(int(h), int(w), float(radius), x.device)
+    # inside a CUDA graph capture the mask's kernels run only at replay: never cache it there
+    build = high_pass_mask.__wrapped__ if x.is_cuda and torch.cuda.is_current_stream_capturing() else high_pass_mask
+    mask = build(int(h), int(w), float(radius), x.device)
     spec = torch.fft.fftshift(torch.fft.fft2(x.float()), dim=(-2, -1)) * mask
     out = torch.fft.ifft2(torch.fft.ifftshift(spec, dim=(-2, -1))).real
     return out.to(x.dtype)

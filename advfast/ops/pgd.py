@@ -165,6 +165,10 @@ def _filled(value: float, n: int, device: torch.device) -> torch.Tensor:
 def _as_f32_vector(value: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.to(torch.float32).expand(x.shape[0]).contiguous()
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        # a fill captured into a CUDA graph runs only at replay: a cached tensor would hold garbage
+        # for eager calls until then, so inside a capture the vector is never cached
+        return torch.full((x.shape[0],), value, dtype=torch.float32, device=x.device)
     return _filled(value, x.shape[0], x.device)
 
 
