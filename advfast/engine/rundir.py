@@ -36,8 +36,7 @@ def prepare_run_dir(path: Path, resume: bool, overwrite: bool) -> Path:
     except OSError as e:
         raise ValueError(f"output directory {path} is not writable ({e.strerror}); choose another --out") from None
     if overwrite:
-        for name in RUN_OUTPUTS:
-            target = path / name
+        for target in [path / name for name in RUN_OUTPUTS] + sorted(path.glob("encoder-*.safetensors")):
             if target.is_dir():
                 shutil.rmtree(target)
             elif target.exists():
