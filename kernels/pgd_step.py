@@ -33,21 +33,32 @@ def _load_radius(ptr, scalar, b, PER_SAMPLE: tl.constexpr, COMPUTE: tl.constexpr
 
 
 @triton.jit
+def _sample_block(N, BLOCKS_PER_SAMPLE, BLOCK: tl.constexpr):
+    """This program's sample b, block j of it, element offsets and mask, and the sample's base offset."""
+    pid = tl.program_id(0)
+    b = pid // BLOCKS_PER_SAMPLE
+    j = pid - b * BLOCKS_PER_SAMPLE
+    offs = j * BLOCK + tl.arange(0, BLOCK)
+    return b, j, offs, offs < N, b.to(tl.int64) * N
+
+
+@triton.jit
+def _load_block(x_ptr, xn_ptr, g_ptr, base, offs, mask, COMPUTE: tl.constexpr):
+    x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(COMPUTE)
+    xn = tl.load(xn_ptr + base + offs, mask=mask, other=0.0).to(COMPUTE)
+    g = tl.load(g_ptr + base + offs, mask=mask, other=0.0).to(COMPUTE)  # as the reference: grad.to(compute)
+    return x, xn, g
+
+
+@triton.jit
 def _pgd_linf_kernel(x_ptr, xn_ptr, g_ptr, out_ptr, eps_ptr, alpha_ptr, eps_s, alpha_s, lower, upper,
                      N, BLOCKS_PER_SAMPLE,
                      EPS_PER_SAMPLE: tl.constexpr, ALPHA_PER_SAMPLE: tl.constexpr,
                      COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    b = pid // BLOCKS_PER_SAMPLE
-    j = pid - b * BLOCKS_PER_SAMPLE
+    b, j, offs, mask, base = _sample_block(N, BLOCKS_PER_SAMPLE, BLOCK)
     eps = _load_radius(eps_ptr, eps_s, b, EPS_PER_SAMPLE, COMPUTE)
     alpha = _load_radius(alpha_ptr, alpha_s, b, ALPHA_PER_SAMPLE, COMPUTE)
-    offs = j * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    base = b.to(tl.int64) * N
-    x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(COMPUTE)
-    xn = tl.load(xn_ptr + base + offs, mask=mask, other=0.0).to(COMPUTE)
-    g = tl.load(g_ptr + base + offs, mask=mask, other=0.0)
+    x, xn, g = _load_block(x_ptr, xn_ptr, g_ptr, base, offs, mask, COMPUTE)
     sign = tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0)).to(COMPUTE)
     y = x + alpha * sign
     y = tl.minimum(tl.maximum(y, xn - eps), xn + eps)
@@ -59,15 +70,8 @@ def _pgd_linf_kernel(x_ptr, xn_ptr, g_ptr, out_ptr, eps_ptr, alpha_ptr, eps_s, a
 def _pgd_l2_partials_kernel(x_ptr, xn_ptr, g_ptr, part_ptr, N, BLOCKS_PER_SAMPLE,
                             COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
     # part is (B, 3, BLOCKS_PER_SAMPLE): sums of g*g, d*g, d*d over this program's block.
-    pid = tl.program_id(0)
-    b = pid // BLOCKS_PER_SAMPLE
-    j = pid - b * BLOCKS_PER_SAMPLE
-    offs = j * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    base = b.to(tl.int64) * N
-    x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(COMPUTE)
-    xn = tl.load(xn_ptr + base + offs, mask=mask, other=0.0).to(COMPUTE)
-    g = tl.load(g_ptr + base + offs, mask=mask, other=0.0).to(COMPUTE)
+    b, j, offs, mask, base = _sample_block(N, BLOCKS_PER_SAMPLE, BLOCK)
+    x, xn, g = _load_block(x_ptr, xn_ptr, g_ptr, base, offs, mask, COMPUTE)
     d = x - xn
     row = part_ptr + b.to(tl.int64) * 3 * BLOCKS_PER_SAMPLE + j
     tl.store(row, tl.sum(g * g, axis=0))
@@ -80,9 +84,7 @@ def _pgd_l2_apply_kernel(x_ptr, xn_ptr, g_ptr, out_ptr, part_ptr, eps_ptr, alpha
                          lower, upper, N, BLOCKS_PER_SAMPLE,
                          EPS_PER_SAMPLE: tl.constexpr, ALPHA_PER_SAMPLE: tl.constexpr,
                          COMPUTE: tl.constexpr, BLOCK: tl.constexpr, PARTS: tl.constexpr):
-    pid = tl.program_id(0)
-    b = pid // BLOCKS_PER_SAMPLE
-    j = pid - b * BLOCKS_PER_SAMPLE
+    b, j, offs, mask, base = _sample_block(N, BLOCKS_PER_SAMPLE, BLOCK)
     eps = _load_radius(eps_ptr, eps_s, b, EPS_PER_SAMPLE, COMPUTE)
     alpha = _load_radius(alpha_ptr, alpha_s, b, ALPHA_PER_SAMPLE, COMPUTE)
 
@@ -98,12 +100,7 @@ def _pgd_l2_apply_kernel(x_ptr, xn_ptr, g_ptr, out_ptr, part_ptr, eps_ptr, alpha
     dnorm = tl.sqrt(tl.maximum(dd + 2.0 * step * dg + step * step * gg, 0.0))
     shrink = eps / tl.where(dnorm > eps, dnorm, 1.0)
 
-    offs = j * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    base = b.to(tl.int64) * N
-    x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(COMPUTE)
-    xn = tl.load(xn_ptr + base + offs, mask=mask, other=0.0).to(COMPUTE)
-    g = tl.load(g_ptr + base + offs, mask=mask, other=0.0).to(COMPUTE)
+    x, xn, g = _load_block(x_ptr, xn_ptr, g_ptr, base, offs, mask, COMPUTE)
     y = x + step * g
     y = tl.where(dnorm > eps, xn + (y - xn) * shrink, y)  # inside the ball: y itself, bit for bit
     y = tl.minimum(tl.maximum(y, tl.cast(lower, COMPUTE)), tl.cast(upper, COMPUTE))
