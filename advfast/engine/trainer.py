@@ -76,6 +76,11 @@ class Trainer:
         cls = method_class(cfg.method)
         cls.resolve_variant(cfg.variant)
         cls.parse_options(cfg.method_options)
+        from advfast.models import available_archs
+
+        if cfg.arch not in available_archs():  # before any data is read: a typo should not wait for a download
+            raise ValueError(f"unknown arch {cfg.arch!r}{closest(cfg.arch, available_archs())}; "
+                             f"choose from {', '.join(available_archs())}")
         self.out = Path(cfg.out)
         if self.out.exists() and not self.out.is_dir():
             raise ValueError(f"output path {self.out} is a file; give --out a directory")
@@ -128,9 +133,10 @@ class Trainer:
 
     # ---- setup helpers -----------------------------------------------------------------------------
     def _set_determinism(self) -> None:
-        if self.cfg.deterministic:
+        if self.cfg.deterministic:  # cuBLAS reads this when its first handle is made
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True)
+        torch.use_deterministic_algorithms(bool(self.cfg.deterministic))  # process-wide: set both ways
+        if self.cfg.deterministic:
             torch.backends.cudnn.deterministic = True
             torch.backends.cudnn.benchmark = False
         elif self.device.type == "cuda":
