@@ -7,6 +7,7 @@ rebuild the model: ``build_encoder(**build_args)`` then ``load_state_dict``.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import advfast
@@ -15,7 +16,14 @@ from advfast.engine.checkpoint import atomic_save_tensors, atomic_write_json
 FORMAT = "advfast-encoder-1"
 
 
+def branch_file(branch: str, eval_branch: str) -> str:
+    """The weights file of a BN branch inside a run directory."""
+    return "encoder.safetensors" if branch == eval_branch else f"encoder-{branch}.safetensors"
+
+
 def export_encoder(method, cfg, out: Path, step: int, image_size: int) -> Path:
+    """Write every BN branch of the encoder as a plain single-BN model (the evaluation branch as
+    encoder.safetensors, the others as encoder-<branch>.safetensors) and encoder.json last."""
     from advfast.models import single_branch_state_dict
 
     encoder = method.encoder
@@ -23,10 +31,11 @@ def export_encoder(method, cfg, out: Path, step: int, image_size: int) -> Path:
     branches = tuple(getattr(encoder, "branches", ("normal",)))
     if branch not in branches:
         branch = branches[0]  # single-BN encoders name their only branch "normal" or otherwise
-    state = single_branch_state_dict(encoder, branch)
-    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
     out = Path(out)
-    atomic_save_tensors(out / "encoder.safetensors", tensors, metadata={"format": FORMAT})
+    for name in branches:
+        state = single_branch_state_dict(encoder, name)
+        tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+        atomic_save_tensors(out / branch_file(name, branch), tensors, metadata={"format": FORMAT})
     build_args = dict(getattr(encoder, "build_args", {"arch": cfg.arch}))
     build_args["bn_branches"] = [branch]
     for key in ("mean", "std"):
@@ -34,10 +43,55 @@ def export_encoder(method, cfg, out: Path, step: int, image_size: int) -> Path:
             build_args[key] = list(build_args[key])
     info = {
         "format": FORMAT, "advfast_version": advfast.__version__,
-        "arch": cfg.arch, "build_args": build_args, "bn_branch": branch, "feat_dim": int(encoder.feat_dim),
-        "mean": build_args.get("mean"), "std": build_args.get("std"),
+        "arch": cfg.arch, "build_args": build_args, "bn_branch": branch, "branches": list(branches),
+        "feat_dim": int(encoder.feat_dim), "mean": build_args.get("mean"), "std": build_args.get("std"),
         "method": cfg.method, "variant": method.variant, "dataset": cfg.dataset, "image_size": int(image_size),
         "num_classes": int(method.num_classes), "step": int(step),
     }
     atomic_write_json(out / "encoder.json", info)
     return out / "encoder.safetensors"
+
+
+def load_encoder(path, branch: str | None = None):
+    """(encoder in eval mode on the CPU, metadata) from a run directory, or a file inside it, written by
+    export_encoder. ``branch`` picks a BN branch (default: the method's evaluation branch). Never unpickles."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from advfast.models import build_encoder
+
+    run = Path(path)
+    if run.is_file():
+        run = run.parent
+    if not run.is_dir():
+        raise FileNotFoundError(f"encoder {path} does not exist (give an advfast-train run directory)")
+    meta_path = run / "encoder.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{run} holds no encoder.json: is it an advfast-train run directory? (the encoder "
+                                "is exported when a run ends; finish an interrupted run with advfast-train --resume)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{meta_path} is unreadable ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "build_args" not in meta:
+        raise ValueError(f"{meta_path} is not an advfast encoder export (format {FORMAT!r} expected)")
+    branch = branch or meta["bn_branch"]
+    available = meta.get("branches", [meta["bn_branch"]])
+    if branch not in available:
+        raise ValueError(f"BN branch {branch!r}: the encoder of {run} has the branches {', '.join(available)}")
+    weights = run / branch_file(branch, meta["bn_branch"])
+    try:
+        state = load_file(str(weights))
+    except (OSError, SafetensorError) as exc:
+        raise ValueError(f"{weights} is unreadable or corrupt ({exc})") from None
+    args = dict(meta["build_args"])
+    args["bn_branches"] = (branch,)
+    for key in ("mean", "std"):
+        if args.get(key) is not None:
+            args[key] = tuple(args[key])
+    encoder = build_encoder(**args)
+    try:
+        encoder.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"{weights} does not fit a {args['arch']} encoder: {str(exc).splitlines()[0]}") from None
+    return encoder.eval(), dict(meta, bn_branch=branch, run_dir=str(run))

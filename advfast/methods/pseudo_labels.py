@@ -164,24 +164,10 @@ def resolve_encoder_files(run_dir: str | os.PathLike) -> tuple[Path, Path]:
 
 
 def load_encoder(run_dir: str | os.PathLike, device="cpu") -> torch.nn.Module:
-    """Rebuild an exported encoder (advfast.engine.export): ``build_encoder(**build_args)`` from
-    encoder.json, then the single-branch weights of encoder.safetensors."""
-    from safetensors.torch import load_file
+    """The exported encoder of a run (its evaluation branch), in eval mode on ``device``."""
+    from advfast.engine.export import load_encoder as load_exported
 
-    from advfast.models import build_encoder
-
-    weights, meta_path = resolve_encoder_files(run_dir)
-    meta = json.loads(meta_path.read_text())
-    args = meta.get("build_args")
-    if not isinstance(args, dict) or "arch" not in args:
-        raise ValueError(f"{meta_path} has no 'build_args' with an 'arch'; was it written by advfast-train?")
-    args = dict(args)
-    for key in ("bn_branches", "mean", "std"):
-        if args.get(key) is not None:
-            args[key] = tuple(args[key])
-    enc = build_encoder(**args)
-    enc.load_state_dict(load_file(str(weights)), strict=True)
-    return enc.to(device).eval()
+    return load_exported(run_dir)[0].to(device)
 
 
 @torch.no_grad()

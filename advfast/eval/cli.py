@@ -1,0 +1,82 @@
+"""advfast-eval: fine-tune a pre-trained encoder with SLF, ALF or AFF and measure its robustness."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from advfast.eval.protocols import PROTOCOLS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="advfast-eval",
+        description="Evaluate a pre-trained encoder: SLF (linear, clean), ALF (linear, PGD-10) or AFF "
+                    "(full TRADES fine-tuning), scored by clean accuracy and test-time attacks.")
+    p.add_argument("--checkpoint", required=True,
+                   help="an advfast-train run directory, or its encoder.safetensors / a checkpoint file")
+    p.add_argument("--protocol", default="slf", choices=PROTOCOLS + ("aff_long",))
+    p.add_argument("--bn-branch", default=None,
+                   help="BatchNorm branch of the encoder to evaluate (default: the method's eval branch)")
+    p.add_argument("--attacks", default="pgd20",
+                   help="comma-separated: pgd20, pgd20-2x, fgsm, l2-0.25, l2-0.5, l1-7.84, l1-12, autoattack")
+    p.add_argument("--eps", type=_fraction, default=None,
+                   help="l_inf budget of pgd20 / autoattack and of ALF/AFF training attacks (default 8/255)")
+    p.add_argument("--n-eval", type=int, default=None, help="evaluate on the first N test images")
+    p.add_argument("--dataset", default=None, help="default: the pre-training dataset")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--download", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoothing", type=int, default=0,
+                   help="RoCL's transformation-smoothed inference with this many samples (0: off)")
+    p.add_argument("--corruptions-dir", default=None, help="a CIFAR-10-C directory for corruption accuracy")
+    p.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs")
+    p.add_argument("--lr", type=float, default=None, help="override the protocol's learning rate")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--out", required=True, help="directory for results.json, results.md and plots")
+    return p
+
+
+def _fraction(text: str) -> float:
+    """'8/255' or '0.0314'."""
+    try:
+        if "/" in text:
+            num, den = text.split("/", 1)
+            value = float(num) / float(den)
+        else:
+            value = float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected a number such as 8/255 or 0.03, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"eps must lie in (0, 1] for images in [0, 1], got {text}")
+    return value
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from advfast.eval.run import EvalConfig, evaluate
+
+    overrides = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr)) if v is not None}
+    if args.n_eval is not None and args.n_eval < 1:
+        print("advfast-eval: error: --n-eval must be at least 1", file=sys.stderr)
+        return 2
+    cfg = EvalConfig(checkpoint=args.checkpoint, protocol=args.protocol, out=args.out, bn_branch=args.bn_branch,
+                     attacks=args.attacks, eps=args.eps, n_eval=args.n_eval, dataset=args.dataset,
+                     data_dir=args.data_dir, download=args.download, device=args.device, seed=args.seed,
+                     smoothing=args.smoothing, corruptions_dir=args.corruptions_dir, plots=not args.no_plots,
+                     overrides=overrides)
+    try:
+        evaluate(cfg, log=lambda msg: print(msg, file=sys.stderr))
+    except (ValueError, FileNotFoundError, RuntimeError, KeyError) as exc:
+        print(f"advfast-eval: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main() -> None:
+    sys.exit(eval_main())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""One evaluation run: load a pre-trained encoder, fine-tune with a protocol, attack, report."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from advfast.data import DeviceLoader, build_augment, load_dataset
+from advfast.io import atomic_write_text
+from advfast.eval.finetune import Classifier, finetune
+from advfast.eval.pretrained import load_pretrained
+from advfast.eval.protocols import protocol_preset
+from advfast.eval.report import plot_eps_curve, plot_training_curves, plot_tsne, write_report
+from advfast.eval.robustness import (attack_table, clean_accuracy, corruption_accuracy, eps_curve,
+                                     parse_attacks, robust_accuracy, smoothed_accuracy)
+
+
+@dataclass
+class EvalConfig:
+    checkpoint: str
+    protocol: str = "slf"
+    out: str = "runs/eval"
+    bn_branch: str | None = None  # None: the branch the method evaluates with
+    attacks: str = "pgd20"
+    eps: float | None = None  # l_inf budget of pgd20/autoattack; None: 8/255
+    n_eval: int | None = None  # test images to evaluate (None: all)
+    dataset: str | None = None  # None: the pre-training dataset
+    data_dir: str | None = None
+    download: bool = False
+    device: str = "auto"
+    seed: int = 0
+    smoothing: int = 0  # RoCL's transformation-smoothed inference with this many samples (0: off)
+    corruptions_dir: str | None = None
+    plots: bool = True
+    overrides: dict = field(default_factory=dict)  # protocol schedule overrides (epochs, lr, ...)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is visible here; use --device cpu")
+    return device
+
+
+def evaluate(cfg: EvalConfig, log=print) -> dict:
+    """Run the protocol and every requested attack; write results.json, results.md and plots into
+    cfg.out; return the result dictionary."""
+    started = time.time()
+    device = _device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    encoder, meta = load_pretrained(cfg.checkpoint, cfg.bn_branch)
+    dataset_name = cfg.dataset or meta["dataset"]
+    size = meta.get("image_size")
+    train = load_dataset(dataset_name, root=cfg.data_dir, split="train", download=cfg.download,
+                         **({"size": size} if dataset_name == "digits" and size else {}))
+    test = load_dataset(dataset_name, root=cfg.data_dir, split="test", download=cfg.download,
+                        **({"size": size} if dataset_name == "digits" and size else {}))
+    if size and tuple(test.images.shape[-2:]) != (size, size):
+        raise ValueError(f"the encoder was pre-trained on {size}x{size} images but {dataset_name} test images are "
+                         f"{tuple(test.images.shape[-2:])}; evaluate on the pre-training resolution")
+    eps = cfg.eps if cfg.eps is not None else 8 / 255
+    specs = parse_attacks(cfg.attacks, eps)
+    pcfg = protocol_preset(cfg.protocol, dataset_name, train_eps=eps, train_alpha=eps / 4, **cfg.overrides)
+
+    model = Classifier(encoder.to(device), train.num_classes, branch="normal", frozen=pcfg.frozen_encoder)
+    model.to(device)
+    batch_size = min(pcfg.batch_size, train.images.shape[0])
+    loader = DeviceLoader(train, batch_size, build_augment(pcfg.augment, backend="torch"), device, seed=cfg.seed)
+    log(f"[advfast-eval] {cfg.protocol.upper()}: {pcfg.epochs} epochs on {train.images.shape[0]} {dataset_name} "
+        f"images, branch {meta['bn_branch']}, device {device}")
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    history = finetune(model, loader, pcfg, progress=lambda r: log(
+        f"  epoch {r['epoch']:3d}  loss {r['loss']:.4f}  train acc {100 * r['train_acc']:.2f}%"),
+        generator=generator)
+
+    n_eval = test.images.shape[0] if cfg.n_eval is None else min(cfg.n_eval, test.images.shape[0])
+    images, labels = test.images[:n_eval], test.labels[:n_eval]
+    result = {
+        "checkpoint": os.path.abspath(cfg.checkpoint), "protocol": cfg.protocol, "dataset": dataset_name,
+        "bn_branch": meta["bn_branch"], "method": meta.get("method"), "arch": meta.get("arch"),
+        "n_eval": n_eval, "eps": eps, "device": str(device), "seed": cfg.seed,
+        "schedule": dataclasses.asdict(pcfg), "finetune_history": history.epochs,
+    }
+    result["clean_accuracy"] = clean_accuracy(model, images, labels)
+    log(f"  SA {100 * result['clean_accuracy']:.2f}%")
+    result["robust_accuracy"] = {}
+    for spec in specs:
+        acc = robust_accuracy(model, images, labels, spec, num_classes=train.num_classes, seed=cfg.seed)
+        result["robust_accuracy"][spec.name] = acc
+        log(f"  {spec.name} {100 * acc:.2f}%")
+    if cfg.smoothing:
+        augment = build_augment("rocl", backend="torch")
+        result["smoothed"] = {
+            "clean": smoothed_accuracy(model, images, labels, augment, cfg.smoothing, seed=cfg.seed),
+            "pgd20-transfer": smoothed_accuracy(model, images, labels, augment, cfg.smoothing,
+                                                spec=attack_table(eps)["pgd20"], seed=cfg.seed),
+        }
+    if cfg.corruptions_dir:
+        result["corruptions"] = corruption_accuracy(model, cfg.corruptions_dir,
+                                                    n_per_severity=cfg.n_eval)
+    result["plots"] = _plots(cfg, model, images, labels, eps, meta) if cfg.plots else {}
+    result["seconds"] = round(time.time() - started, 1)
+    result["files"] = write_report(cfg.out, result)
+    log(f"[advfast-eval] wrote {result['files']['markdown']} ({result['seconds']} s)")
+    return result
+
+
+def _plots(cfg: EvalConfig, model, images, labels, eps: float, meta: dict) -> dict[str, str]:
+    os.makedirs(cfg.out, exist_ok=True)
+    plots = {}
+    n = min(1000, images.shape[0])
+    with torch.no_grad():
+        device = next(model.parameters()).device
+        feats = torch.cat([model.features(images[i:i + 256].to(device).float() / 255).float().cpu()
+                           for i in range(0, n, 256)]).numpy()
+    plots["tsne"] = plot_tsne(feats, labels[:n].numpy(), os.path.join(cfg.out, "tsne.png"),
+                              f"t-SNE of {meta.get('method', 'encoder')} features ({meta['bn_branch']} BN)", cfg.seed)
+    n_curve = min(256, images.shape[0])
+    curve = eps_curve(model, images[:n_curve], labels[:n_curve], np.linspace(0, 2 * eps, 5), seed=cfg.seed)
+    plots["eps_curve"] = plot_eps_curve(curve, os.path.join(cfg.out, "accuracy_vs_eps.png"),
+                                        f"{cfg.protocol.upper()}: PGD-20 accuracy against eps")
+    metrics = meta.get("metrics_path")
+    if metrics and os.path.isfile(metrics):
+        path = plot_training_curves(metrics, os.path.join(cfg.out, "training_curves.png"),
+                                    f"pre-training of {meta.get('method', 'the encoder')}")
+        if path:
+            plots["training_curves"] = path
+    atomic_write_text(os.path.join(cfg.out, "eps_curve.json"),
+                      json.dumps({str(k): v for k, v in curve.items()}, indent=2))
+    return plots
