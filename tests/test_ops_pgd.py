@@ -330,6 +330,25 @@ def test_random_start_l2_is_uniform_in_the_ball():
     assert bool((r > 0.49).all()) and bool((r <= 0.5 + 1e-5).all())
 
 
+def test_random_start_l2_direction_is_uniform():
+    # the radius law alone passes with any direction law (e.g. z ~ U(0, 1): the positive quadrant only)
+    x_nat = torch.zeros(4000, 2, device=DEVICE, dtype=torch.float64)
+    d = random_start(x_nat, 1.0, norm="l2", lower=-math.inf, upper=math.inf)
+    quadrant = (d[:, 0] > 0).long() * 2 + (d[:, 1] > 0).long()
+    counts = torch.bincount(quadrant, minlength=4).double() / len(d)
+    assert bool(((counts - 0.25).abs() < 0.035).all()), counts.tolist()  # 5 binomial standard errors
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_random_start_uses_each_samples_own_radius(norm):
+    # in the ball of its own eps is not enough: a start drawn with the smallest eps passes that too
+    eps = torch.tensor([0.05, 0.4, 0.2, 0.1], device=DEVICE)
+    x_nat = torch.rand(4, 3, 16, 16, device=DEVICE)
+    d = (random_start(x_nat, eps, norm=norm, lower=-math.inf, upper=math.inf) - x_nat).flatten(1).double()
+    reach = d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
+    assert bool((reach <= eps * (1 + 1e-5)).all()) and bool((reach > 0.9 * eps).all()), (reach / eps).tolist()
+
+
 @pytest.mark.parametrize("change, error, name", [
     (dict(x_nat=torch.ones(2, 3, dtype=torch.uint8)), TypeError, "x_nat"),
     (dict(eps=-1.0), ValueError, "eps"),
