@@ -113,6 +113,25 @@ def test_dtypes(backend, x_dtype, g_dtype, norm):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_hand_computed_steps(backend):
+    """Worked examples, independent of the reference (which is also the torch backend)."""
+    need(backend)
+    x_nat = torch.zeros(3, 2, device=DEVICE)
+    x_adv = torch.tensor([[0.3, 0.4], [0.1, 0.0], [0.2, -0.1]], device=DEVICE)
+    grad = torch.tensor([[3.0, 4.0], [0.0, 2.0], [0.0, 0.0]], device=DEVICE)
+    free = dict(lower=-math.inf, upper=math.inf, backend=backend)
+    # l2: step 0.5 along grad/|grad| = (0.6, 0.8) gives (0.6, 0.8), |.| = 1 > eps = 0.5, rescaled to
+    # (0.3, 0.4); the second stays inside the ball at (0.1, 0.2); a zero gradient does not move.
+    out = pgd_step(x_adv, x_nat, grad, 0.5, torch.tensor([0.5, 0.2, 0.3], device=DEVICE), norm="l2", **free)
+    torch.testing.assert_close(out, torch.tensor([[0.3, 0.4], [0.1, 0.2], [0.2, -0.1]], device=DEVICE))
+    # linf: +-alpha per coordinate (none where the gradient is 0), clamped to x_nat +- eps, then the box
+    out = pgd_step(x_adv, x_nat, grad, 0.35, 0.1, norm="linf", **free)
+    torch.testing.assert_close(out, torch.tensor([[0.35, 0.35], [0.1, 0.1], [0.2, -0.1]], device=DEVICE))
+    out = pgd_step(x_adv, x_nat, -grad, 0.35, 0.1, norm="linf", lower=0.0, upper=1.0, backend=backend)
+    torch.testing.assert_close(out, torch.tensor([[0.2, 0.3], [0.1, 0.0], [0.2, 0.0]], device=DEVICE))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_float64_with_float_radii_keeps_float64_accuracy(backend, norm):
     """Python-float eps/alpha (8/255 is not a float32 number) must not be rounded to float32."""
