@@ -161,11 +161,29 @@ def test_kernel_core_small_tiles_many_splits():
 
 
 def test_auto_picks_by_device_and_size(monkeypatch):
-    assert C._pick_backend("info_nce", "auto", torch.device("cpu"), 10) == "torch"
+    f32, f64 = torch.float32, torch.float64
+    assert C._pick_backend("info_nce", "auto", torch.device("cpu"), 10, f32) == "torch"
+    if C.resolve("info_nce", "auto", torch.device("cuda"), C.IMPLEMENTED) == "triton":  # Triton importable
+        assert C._pick_backend("info_nce", "auto", torch.device("cuda"), 10, f32) == "triton"
+        # the kernels accumulate in float32 and their dots do not compile for float64 operands
+        assert C._pick_backend("info_nce", "auto", torch.device("cuda"), 10, f64) == "torch"
     monkeypatch.setattr(C, "CHUNKED_AUTO_MIN_LOGITS", 100)
-    assert C._pick_backend("info_nce", "auto", torch.device("cpu"), 1000) == "torch-chunked"
+    assert C._pick_backend("info_nce", "auto", torch.device("cpu"), 1000, f32) == "torch-chunked"
     q, k, queue = torch.randn(4, 8), torch.randn(4, 8), torch.randn(50, 8)
     torch.testing.assert_close(info_nce(q, k, queue), info_nce(q, k, queue, backend="torch"))
+
+
+@pytest.mark.parametrize("with_queue", [True, False])
+def test_float64_keeps_float64_accuracy(with_queue, small_chunks):
+    q, k = torch.randn(37, 64, dtype=torch.float64), torch.randn(37, 64, dtype=torch.float64)
+    queue = F.normalize(torch.randn(101, 64, dtype=torch.float64), dim=1) if with_queue else None
+    ref_loss, ref_grads = loss_and_grads(lambda a, b: info_nce_reference(a, b, queue, 0.05), q, k)
+    loss, grads = loss_and_grads(lambda a, b: info_nce(a, b, queue, 0.05, backend="torch-chunked"), q, k)
+    assert abs(float(loss - ref_loss)) <= 1e-12 * float(ref_loss.abs())
+    for g, r in zip(grads, ref_grads):
+        assert rel_err(g, r) <= 1e-12, rel_err(g, r)
+    with pytest.raises(TypeError, match="float64"):
+        info_nce(q, k, queue, backend="triton")
 
 
 _X = torch.randn(4, 8)

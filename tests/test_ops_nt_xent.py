@@ -96,6 +96,17 @@ def test_bf16_within_twice_eager_error(backend, positives, temperature):
         (rel_err(grad, ref_grad), rel_err(eager_grad, ref_grad))
 
 
+@pytest.mark.parametrize("positives", POSITIVE_MODES)
+def test_float64_keeps_float64_accuracy(positives, small_chunks):
+    z = torch.randn(3 * 37, 64, dtype=torch.float64)
+    ref_loss, ref_grad = loss_and_grad(lambda x: nt_xent_reference(x, 3, 0.05, positives), z)
+    loss, grad = loss_and_grad(lambda x: nt_xent(x, 3, 0.05, positives, backend="torch-chunked"), z)
+    assert abs(float(loss - ref_loss)) <= 1e-12 * float(ref_loss.abs())
+    assert rel_err(grad, ref_grad) <= 1e-12, rel_err(grad, ref_grad)
+    with pytest.raises(TypeError, match="float64"):
+        nt_xent(z, 3, backend="triton")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_output_dtype_follows_input(backend):
     z = torch.randn(3 * 5, 16, dtype=torch.bfloat16, requires_grad=True)

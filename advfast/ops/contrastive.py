@@ -63,11 +63,22 @@ def _check_flag(op: str, name: str, value) -> None:
         raise TypeError(f"{op}: {name} must be True or False, got {value!r}")
 
 
-def _pick_backend(op: str, backend, device: torch.device, logits: int) -> str:
+def _pick_backend(op: str, backend, device: torch.device, logits: int, dtype: torch.dtype) -> str:
     if not isinstance(backend, str):
         raise TypeError(f"{op}: backend must be a string (one of {', '.join(IMPLEMENTED)}, auto), got {backend!r}")
     order = ("triton", "torch-chunked", "torch") if logits >= CHUNKED_AUTO_MIN_LOGITS else ("triton", "torch")
-    return resolve(op, backend, device, IMPLEMENTED, order)
+    implemented = IMPLEMENTED
+    if dtype == torch.float64:  # the kernels accumulate in float32 (and do not compile for float64 dots)
+        if backend == "triton":
+            raise TypeError(f"{op}: the triton backend takes float32, bfloat16 or float16 inputs, got float64; "
+                            f"use backend='torch' or 'torch-chunked'")
+        implemented = tuple(b for b in IMPLEMENTED if b != "triton")
+    return resolve(op, backend, device, implemented, order)
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """Statistics accumulate in float32, or float64 for float64 inputs."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,14 +140,14 @@ def _chunks(q: torch.Tensor, keys: torch.Tensor):
     block's first key as a python int (slicing with a device tensor would read it back to the host)."""
     step = max(1, CHUNK_ELEMENTS // q.shape[0])
     for c0 in range(0, keys.shape[0], step):
-        block = keys[c0:c0 + step].float()
+        block = keys[c0:c0 + step].to(_acc_dtype(q))
         yield c0, torch.arange(c0, c0 + block.shape[0], device=keys.device), block
 
 
 def _chunked_forward(q, keys, scale, mask_diag, period, pos_mode):
-    qf = q.float()
+    qf = q.to(_acc_dtype(q))
     rows = torch.arange(q.shape[0], device=q.device)
-    lse = torch.full((q.shape[0],), float("-inf"), device=q.device)
+    lse = torch.full((q.shape[0],), float("-inf"), device=q.device, dtype=qf.dtype)
     pos = None
     if pos_mode == 1:
         pos = torch.zeros_like(lse)
@@ -156,10 +167,10 @@ def _chunked_forward(q, keys, scale, mask_diag, period, pos_mode):
 
 
 def _chunked_backward(q, keys, scale, lse, g_lse, pos, g_pos, mask_diag, period, pos_mode, need_dq, need_dk):
-    qf = q.float()
+    qf = q.to(_acc_dtype(q))
     rows = torch.arange(q.shape[0], device=q.device)
     dq = torch.zeros_like(qf) if need_dq else None
-    dk = torch.empty(keys.shape, device=keys.device, dtype=torch.float32) if need_dk else None
+    dk = torch.empty(keys.shape, device=keys.device, dtype=qf.dtype) if need_dk else None
     for c0, cols, kb in _chunks(q, keys):
         s = (qf @ kb.T).mul_(scale)
         self_hit, is_pos = _chunk_masks(rows, cols, mask_diag, period, pos_mode)
@@ -212,8 +223,8 @@ class _RowLogSumExp(torch.autograd.Function):
             dq, dk = kern.lse_backward(q, keys, scale, lse, g_lse, pos, g_pos, mask_diag, period, pos_mode,
                                        need_dq=need_dq, need_dk=need_dk)
         else:
-            dq, dk = _chunked_backward(q, keys, scale, lse, g_lse.float(), pos, g_pos.float(), mask_diag,
-                                       period, pos_mode, need_dq, need_dk)
+            dq, dk = _chunked_backward(q, keys, scale, lse, g_lse.to(lse.dtype), pos, g_pos.to(lse.dtype),
+                                       mask_diag, period, pos_mode, need_dq, need_dk)
         dq = dq.to(q.dtype) if dq is not None else None
         dk = dk.to(keys.dtype) if dk is not None else None
         return dq, dk, None, None, None, None, None
@@ -233,7 +244,8 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None = None
     loss = mean_i [logsumexp(row i) - positive logit].
 
     normalize=True L2-normalises q and k (differentiably); the queue is used as given. Gradients
-    reach q and k, never the queue. Statistics accumulate in float32 whatever the input dtype.
+    reach q and k, never the queue. Statistics accumulate in float32 (float64 for float64 inputs, which
+    the triton backend does not take).
     backend: "auto", "triton", "torch-chunked" or "torch" (see the module docstring).
     """
     op = "info_nce"
@@ -254,14 +266,15 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None = None
     t = _check_temperature(op, temperature)
     _check_flag(op, "normalize", normalize)
     num_keys = q.shape[0] if queue is None else queue.shape[0] + 1
-    backend = _pick_backend(op, backend, q.device, q.shape[0] * num_keys)
+    backend = _pick_backend(op, backend, q.device, q.shape[0] * num_keys, q.dtype)
     if backend == "torch":
         return info_nce_reference(q, k, queue, t, normalize)
 
     if normalize:
         q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
     scale = 1.0 / t
-    pos = (q.float() * k.float()).sum(dim=1) * scale
+    acc = _acc_dtype(q)
+    pos = (q.to(acc) * k.to(acc)).sum(dim=1) * scale
     if queue is None:
         lse, _ = _RowLogSumExp.apply(q, k, scale, False, 1, 0, backend)
     else:
@@ -295,7 +308,7 @@ def nt_xent(z: torch.Tensor, num_views: int, temperature: float = 0.5, positives
     t = _check_temperature(op, temperature)
     _check_flag(op, "normalize", normalize)
     num_views = int(num_views)
-    backend = _pick_backend(op, backend, z.device, z.shape[0] * z.shape[0])
+    backend = _pick_backend(op, backend, z.device, z.shape[0] * z.shape[0], z.dtype)
     if backend == "torch":
         return nt_xent_reference(z, num_views, t, positives, normalize)
 
