@@ -147,9 +147,9 @@ class Session:
         self.cfg = bench_config(method, switches, sizes, device, workdir)
         self.trainer = Trainer(self.cfg, overwrite=True)
         if device.type == "cuda" and self.switches == EAGER:
-            # the eager path as the official codes run it: PyTorch's default fp32 matmuls (no TF32;
-            # the Trainer turns TF32 matmuls on for every run)
-            torch.backends.cuda.matmul.allow_tf32 = False
+            # the eager path as the official codes run it: PyTorch's default fp32 matmuls, no TF32 (the
+            # Trainer sets "high" for every run; each Session's Trainer sets it again)
+            torch.set_float32_matmul_precision("highest")
         self._batches = self._device_batches() if self.switches.gpu_augment else self._worker_batches()
         self.last_loss: torch.Tensor | None = None
 
