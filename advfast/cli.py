@@ -162,10 +162,11 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _fmt(v) -> str:
+def _fmt(v, key: str = "") -> str:
+    """Attack budgets read best in pixel levels (8/255); every other number as itself."""
     if isinstance(v, float):
         k = v * 255
-        if v and abs(k - round(k)) < 1e-9 and v < 1:
+        if key.startswith("attack.") and v and abs(k - round(k)) < 1e-9 and v < 1:
             return f"{round(k)}/255"
         return f"{v:g}"
     return str(v)
@@ -194,7 +195,7 @@ def list_methods(file=None) -> None:
             groups: dict[str, list[str]] = {}
             for ds in datasets:
                 flat = _flatten(cls.preset(ds, variant))
-                line = " ".join(f"{k}={_fmt(v)}" for k, v in flat.items())
+                line = " ".join(f"{k}={_fmt(v, k)}" for k, v in flat.items())
                 groups.setdefault(line, []).append(ds)
             for line, dss in groups.items():
                 tag = f"{variant}, " if variant else ""
@@ -202,7 +203,7 @@ def list_methods(file=None) -> None:
     defaults = _flatten({k: v for k, v in to_dict(TrainConfig()).items()
                          if k not in ("method", "variant", "method_options")})
     print("\ndefaults under every preset (change with --set KEY=VALUE or --config FILE.yaml):", file=file)
-    print("  " + " ".join(f"{k}={_fmt(v)}" for k, v in defaults.items()), file=file)
+    print("  " + " ".join(f"{k}={_fmt(v, k)}" for k, v in defaults.items()), file=file)
 
 
 # ---- advfast-train -----------------------------------------------------------------------------------
