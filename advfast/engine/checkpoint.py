@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,10 @@ from safetensors.torch import load_file, save_file
 
 FORMAT = "advfast-checkpoint-1"
 _NAME = re.compile(r"ckpt-(\d{9})\.json")
+# Test-only crash hook (tests/test_reliability.py): "<step>:<stage>" SIGKILLs this process while it
+# writes checkpoint <step>; stage "tensors" = tensor file written to its temporary name, not yet moved
+# into place; "json" = tensor file in place, its JSON not yet written. Never set it outside tests.
+KILL_HOOK_ENV = "ADVFAST_TEST_KILL_IN_CHECKPOINT"
 
 
 class CheckpointError(ValueError):
@@ -48,7 +53,8 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, allow_nan=False) + "\n").encode())
 
 
-def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                        _before_replace=None) -> str:
     """Write ``tensors`` to ``path`` atomically; returns the file's SHA-256."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -58,12 +64,20 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: 
         digest = _sha256(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        if _before_replace is not None:
+            _before_replace()
         os.replace(tmp, path)
     except BaseException:
         _unlink(tmp)
         raise
     _fsync_dir(path.parent)
     return digest
+
+
+def _kill_point(step: int, stage: str) -> None:
+    """The test-only crash hook (KILL_HOOK_ENV): SIGKILL leaves no chance to clean up, like a power cut."""
+    if os.environ.get(KILL_HOOK_ENV) == f"{step}:{stage}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _sha256(path) -> str:
@@ -135,7 +149,9 @@ def save_checkpoint(ckpt_dir: Path, step: int, *, model_state: dict[str, torch.T
     tensors.update(optim_tensors)
     tensors.update({f"rng.{k}": _plain_tensor(v) for k, v in rng_tensors.items()})
     stem = f"ckpt-{step:09d}"
-    digest = atomic_save_tensors(ckpt_dir / f"{stem}.safetensors", tensors, metadata={"format": FORMAT})
+    digest = atomic_save_tensors(ckpt_dir / f"{stem}.safetensors", tensors, metadata={"format": FORMAT},
+                                 _before_replace=lambda: _kill_point(step, "tensors"))
+    _kill_point(step, "json")
     record = dict(meta, format=FORMAT, step=step, tensors=f"{stem}.safetensors", sha256=digest, optimizer=optim_meta)
     json_path = ckpt_dir / f"{stem}.json"
     atomic_write_json(json_path, record)
@@ -157,6 +173,10 @@ def prune(ckpt_dir: Path, keep_last: int) -> None:
         _unlink(json_path.with_suffix(".safetensors"))
     for tmp in Path(ckpt_dir).glob(".*.tmp"):  # leftovers of writes killed midway
         _unlink(tmp)
+    kept = {p.stem for p in list_checkpoints(ckpt_dir)}
+    for tensors in Path(ckpt_dir).glob("ckpt-*.safetensors"):  # killed before their JSON: never whole
+        if tensors.stem not in kept:
+            _unlink(tensors)
 
 
 def load_checkpoint(json_path: Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:

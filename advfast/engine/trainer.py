@@ -25,6 +25,7 @@ import torch
 import advfast
 from advfast.config import TrainConfig, closest, from_dict, to_dict, validate
 from advfast.engine import checkpoint as ckpt
+from advfast.engine.divergence import STOP, decide, weights_finite
 from advfast.engine.export import export_encoder
 from advfast.engine.logging import MetricLogger, Progress
 from advfast.engine.precision import resolve_precision
@@ -32,7 +33,7 @@ from advfast.engine.rundir import CHECKPOINTS, RUN_FILE, holds_run, prepare_run_
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+    """The loss or the weights became NaN or infinite."""
 
 
 def method_class(name: str):
@@ -275,20 +276,22 @@ class Trainer:
                     progress.update()
                     end = self.step >= stop_at or self._stop_signal is not None
                     if self.step % cfg.log_every == 0 or end:
-                        values = torch.stack(list(sums.values())).div_(count).tolist()  # the one sync
+                        weights_ok = weights_finite(self.method).float().view(1)
+                        values = torch.cat([torch.stack(list(sums.values())).div_(count), weights_ok]).tolist()
+                        weights_ok = values.pop() == 1.0  # read with the metrics: still the one sync
                         now = time.perf_counter()
                         last = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), "lr": lr,
                                 **dict(zip(sums, values)),
                                 "images_per_s": round(cfg.batch_size * (self.step - tick_step) / max(now - tick, 1e-9), 2)}
                         sums, count, tick, tick_step = {}, 0, now, self.step
-                        if not math.isfinite(last["loss"]):
-                            raise TrainingDiverged(self._diverged_message(last["loss"]))
+                        self._stop_if_diverged(last["loss"], weights_ok)
                         logger.log(last)
                         progress.show(loss=last["loss"], lr=lr, img_s=last["images_per_s"])
                     if self.step % cfg.ckpt_every == 0 or end:
                         # never checkpoint weights trained on a non-finite loss since the last check
-                        if sums and not bool(torch.isfinite(torch.stack(list(sums.values()))).all()):
-                            raise TrainingDiverged(self._diverged_message(float("nan")))
+                        loss_ok = torch.isfinite(torch.stack(list(sums.values()))).all() if sums else torch.tensor(True)
+                        self._stop_if_diverged(0.0 if bool(loss_ok) else float("nan"),
+                                               bool(weights_finite(self.method)))
                         self.save_checkpoint()
                     if end:
                         break
@@ -307,10 +310,18 @@ class Trainer:
     def _image_size(self) -> int:
         return int(self.cfg.image_size or self.dataset.images.shape[-1])
 
-    def _diverged_message(self, value: float) -> str:
+    def _stop_if_diverged(self, loss: float, weights_ok: bool) -> None:
+        """TrainingDiverged on a non-finite loss or weights (fp16: skipped steps pass, see divergence.py)."""
+        enabled = self.scaler.is_enabled()
+        scale = self.scaler.get_scale() if enabled else None
+        if decide(math.isfinite(loss), weights_ok, enabled, scale) == STOP:
+            raise TrainingDiverged(self._diverged_message(loss if weights_ok else "NaN/Inf in the weights"))
+
+    def _diverged_message(self, value) -> str:
         kept = ckpt.list_checkpoints(self.out / CHECKPOINTS)
         where = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was written yet"
-        return (f"loss became {value} by step {self.step}; {where}. Lower optim.lr (--set optim.lr=...) "
+        what = "the weights hold NaN/Inf" if isinstance(value, str) else f"loss became {value}"
+        return (f"{what} by step {self.step}; {where}. Lower optim.lr (--set optim.lr=...) "
                 f"or use precision fp32, then --resume")
 
     def _catch_signals(self):
