@@ -253,6 +253,28 @@ def test_first_call_inside_a_cuda_graph_capture(backend):
                                atol=ATOL[torch.float32], rtol=0)
 
 
+@pytest.mark.gpu
+def test_triton_runs_on_a_gpu_that_is_not_the_current_one():
+    """Triton launches on the current device; the ops must make the tensors' device current."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    from advfast.ops import ema_update_, info_nce
+
+    dev = torch.device("cuda", 1)
+    assert torch.cuda.current_device() == 0
+    x_adv, x_nat, grad = (torch.rand(3, 4, 5, device=dev) for _ in range(3))
+    for norm in ("linf", "l2"):
+        ref = reference64(x_adv, x_nat, grad, 0.1, 0.02, norm)
+        out = pgd_step(x_adv, x_nat, grad, 0.1, 0.02, norm=norm, backend="triton")
+        torch.testing.assert_close(out.double(), ref, atol=ATOL[torch.float32], rtol=0)
+    ema, src = [torch.zeros(5000, device=dev)], [torch.ones(5000, device=dev)]
+    ema_update_(ema, src, 0.25, backend="triton")
+    torch.testing.assert_close(ema[0], torch.full_like(ema[0], 0.75))
+    q, k, queue = torch.randn(8, 16, device=dev), torch.randn(8, 16, device=dev), torch.randn(40, 16, device=dev)
+    torch.testing.assert_close(info_nce(q, k, queue, backend="triton"), info_nce(q, k, queue, backend="torch"),
+                               atol=1e-5, rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------ errors
 
 def _args():

@@ -61,6 +61,12 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def device_guard(device: torch.device):
+    """Makes ``device`` current for Triton launches: Triton launches on the current CUDA device, not
+    on the tensors' one, so tensors on another GPU would be read through a foreign context."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def unavailable_reason(backend: str, device: torch.device) -> str | None:
     """None if ``backend`` can run on ``device`` here, else a one-line reason."""
     if backend in ("torch", "torch-chunked"):  # plain torch; torch-chunked: contrastive losses only

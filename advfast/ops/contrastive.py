@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from advfast.ops._dispatch import resolve
+from advfast.ops._dispatch import device_guard, resolve
 
 IMPLEMENTED = ("triton", "torch-chunked", "torch")
 POSITIVE_MODES = ("mean_log_prob", "sum_in_numerator")
@@ -197,7 +197,8 @@ class _RowLogSumExp(torch.autograd.Function):
         if backend == "triton":
             from advfast.kernels import contrastive as kern
 
-            lse, pos = kern.lse_forward(q, keys, scale, mask_diag, period, pos_mode)
+            with device_guard(q.device):
+                lse, pos = kern.lse_forward(q, keys, scale, mask_diag, period, pos_mode)
         else:
             lse, pos = _chunked_forward(q, keys, scale, mask_diag, period, pos_mode)
         if pos is None:
@@ -220,8 +221,9 @@ class _RowLogSumExp(torch.autograd.Function):
         if backend == "triton":
             from advfast.kernels import contrastive as kern
 
-            dq, dk = kern.lse_backward(q, keys, scale, lse, g_lse, pos, g_pos, mask_diag, period, pos_mode,
-                                       need_dq=need_dq, need_dk=need_dk)
+            with device_guard(q.device):
+                dq, dk = kern.lse_backward(q, keys, scale, lse, g_lse, pos, g_pos, mask_diag, period, pos_mode,
+                                           need_dq=need_dq, need_dk=need_dk)
         else:
             dq, dk = _chunked_backward(q, keys, scale, lse, g_lse.to(lse.dtype), pos, g_pos.to(lse.dtype),
                                        mask_diag, period, pos_mode, need_dq, need_dk)

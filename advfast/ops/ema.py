@@ -97,4 +97,5 @@ def ema_update_(ema_tensors, tensors, momentum: float, backend: str = "auto") ->
             return
         from advfast.kernels import ema as kernels
 
-        kernels.ema_update_([e for e, _ in floats], [s for _, s in floats], m)
+        with _dispatch.device_guard(device):
+            kernels.ema_update_([e for e, _ in floats], [s for _, s in floats], m)

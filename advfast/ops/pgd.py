@@ -182,7 +182,8 @@ def _run(backend: str, out: torch.Tensor, x_adv, x_nat, grad, eps, alpha, norm_i
     elif backend == "triton":
         from advfast.kernels import pgd_step as kernels
 
-        kernels.pgd_step(out, x_adv, x_nat, grad, eps, alpha, norm_id, lower, upper)
+        with _dispatch.device_guard(out.device):
+            kernels.pgd_step(out, x_adv, x_nat, grad, eps, alpha, norm_id, lower, upper)
     else:
         out.copy_(pgd_step_reference(x_adv, x_nat, grad, eps, alpha,
                                      "linf" if norm_id == 0 else "l2", lower, upper))
