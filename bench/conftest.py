@@ -8,9 +8,11 @@ Fixtures (use them instead of importing this module: tests run with --import-mod
   sizes     the shared named workloads (SIZES below) resolved for this device
   skip_unless_backend   skip_unless_backend(backend): skips with the dispatcher's reason when an advfast
             backend cannot run here, and skips the interpreted Triton path (a test vehicle, not a speed)
-  measure   measure(fn, nbytes=None, role=None): times `fn` with pytest-benchmark and records per-op
-            time, bandwidth and speed-up for the summary printed at the end of the run; role="baseline"
-            marks the eager reference of the benchmark group, role="copy" its copy-bandwidth probe
+  measure   measure(fn, nbytes=None, role=None, ops=1): times `fn` with pytest-benchmark and records
+            per-op time, bandwidth and speed-up for the summary printed at the end of the run;
+            role="baseline" marks a reference of the benchmark group (the fastest one is the summary's
+            baseline), role="copy" its copy-bandwidth probe; ops: how many ops one call of `fn` runs
+            (e.g. a whole epoch of batches), so that per-op times stay comparable within the group
 
 How timing works: one timed call runs `fn` `inner` times then synchronises (on a GPU, inner = 20, so the
 synchronise does not dominate 10-microsecond kernels; on a CPU, inner = 1). pytest-benchmark's own table
@@ -121,7 +123,7 @@ def measure(benchmark, device, sync, request):
     inner = INNER.get(device.type, 1)
     rounds = ROUNDS.get(device.type, 5)
 
-    def run(fn, nbytes: int | None = None, role: str | None = None):
+    def run(fn, nbytes: int | None = None, role: str | None = None, ops: int = 1):
         if role not in (None, "baseline", "copy"):
             raise ValueError(f"role must be None, 'baseline' or 'copy', got {role!r}")
         def timed():
@@ -130,11 +132,11 @@ def measure(benchmark, device, sync, request):
             sync()
 
         timed()  # first call: compilation, autotuning, allocator warm-up
-        benchmark.extra_info.update(inner=inner, nbytes=nbytes, device=device_name(device))
+        benchmark.extra_info.update(inner=inner, ops=ops, nbytes=nbytes, device=device_name(device))
         benchmark.pedantic(timed, rounds=rounds, warmup_rounds=1, iterations=1)
         stats = getattr(benchmark, "stats", None)
         if stats is not None and getattr(stats, "stats", None) is not None:
-            per_op = stats.stats.median / inner
+            per_op = stats.stats.median / (inner * ops)
             benchmark.extra_info["per_op_s"] = per_op
             if nbytes:
                 benchmark.extra_info["GB/s"] = nbytes / per_op / 1e9
