@@ -41,6 +41,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from advfast.engine.distributed import all_gather
 from advfast.ops.contrastive import info_nce
 from advfast.losses import MemoryBank
 from advfast.methods import register
@@ -128,7 +129,9 @@ class AMOC(Method):
                             backend=self.options.loss_backend)
 
     def _store(self, bank: MemoryBank, keys: torch.Tensor) -> None:
-        """Official: into the bank now, before the negatives are read. MoCo order: after the step."""
+        """Official: into the bank now, before the negatives are read. MoCo order: after the step.
+        Under torchrun the keys of every rank go in (rank order), so all ranks' banks stay equal."""
+        keys = all_gather(keys)
         if self.options.enqueue_before_loss:
             bank.enqueue(keys)
         else:

@@ -14,8 +14,10 @@ is the same sequence of queue states without the clone of a 65536 x 128 queue ev
 official EMA runs at the start of the next forward; running it after the optimiser step is the
 same order of events.
 
-Shuffle-BN is a multi-GPU device: with one process BN already normalises the key batch over all of
-its samples, so shuffling it changes nothing; the multi-GPU (DDP) work will add it.
+Under torchrun (DDP) the keys of every rank are gathered into the queue, so the queues of all ranks
+stay identical and hold the global batch's keys; the loss is each rank's own queries against their
+keys and that queue, as in the official code. Shuffle-BN (the official multi-GPU key-BN trick) is
+not implemented: the key BN sees each rank's own batch (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from advfast.engine.distributed import all_gather
 from advfast.ops.contrastive import info_nce
 from advfast.data.presets import Flip, Grayscale, Jitter, ResizedCrop
 from advfast.losses import MemoryBank
@@ -119,6 +122,6 @@ class MoCo(Method):
 
     def after_optimizer_step(self) -> None:
         for k in self._pending_keys:
-            self.queue.enqueue(k)
+            self.queue.enqueue(all_gather(k))  # every rank's keys (identity in one process)
         self._pending_keys.clear()
         self.key.update_(self.encoder_q, self.head_q)
