@@ -17,6 +17,10 @@ except ImportError:  # pragma: no cover - torch is a hard dependency
 
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # The CPU tests use small tensors, where two OpenMP threads cost more in hand-offs than they gain,
+    # and on a busy machine (several test processes, or training next to the suite) they run several
+    # times slower than one. One thread for the whole CPU suite.
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

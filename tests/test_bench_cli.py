@@ -15,14 +15,6 @@ from advfast.bench.harness import EPOCH_IMAGES
 FAST_ARGS = ["--device", "cpu", "--size", "tiny", "--steps", "1", "--repeats", "2", "--warmup", "0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # two shared cores: OpenMP threads fighting each other cost more than they give
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_console_script_is_registered():
     scripts = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="console_scripts")}
     assert scripts.get("advfast-bench") == "advfast.bench.cli:main"

@@ -12,14 +12,6 @@ from advfast.bench.flops import count_flops, expected_passes, forward_flops_per_
 from advfast.bench.harness import METHOD_NAMES, Sizes, check_methods, count_iteration_flops, same_as_fast, spread
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_forward_flops_by_hand():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=2), nn.AdaptiveAvgPool2d(1),

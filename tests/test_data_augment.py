@@ -18,14 +18,6 @@ from advfast.data.presets import Flip, ResizedCrop
 needs_dali = pytest.mark.skipif(dali_error() is not None, reason=str(dali_error()))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared cores: see test_data_torch_ops.py
-    yield
-    torch.set_num_threads(n)
-
-
 def ks(a, b) -> float:
     a, b = torch.sort(a.double().flatten())[0], torch.sort(b.double().flatten())[0]
     grid = torch.cat((a, b))

@@ -6,14 +6,6 @@ import torch
 from advfast.data import Batch, DeviceLoader, build_augment, load_dataset
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def data():
     return load_dataset("synthetic", num_samples=50, image_size=8, num_classes=5, seed=2)

@@ -21,15 +21,6 @@ from advfast.data import torch_ops as ops
 TOL = 2e-5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 shared cores: OpenMP barriers under load make small ops ~100x slower than one thread
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _images(b, h, w, c=3):
     x = torch.rand(b, c, h, w)
     x[0] = x[0].round()  # saturated pixels and grey (max == min) pixels hit the HSV edge cases

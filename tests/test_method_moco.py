@@ -16,15 +16,6 @@ B, K = 12, 40  # K not a multiple of B: the queue wraps mid-batch
 MEAN, STD = (0.5,), (0.25,)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # two OpenMP threads on a shared 2-core machine are ~10x slower than one for these tiny convnets
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make(variant, **options):
     cfg = TrainConfig(method="moco", variant=variant)
     apply_overrides(cfg, METHODS["moco"].preset("digits", variant))

@@ -17,14 +17,6 @@ MEAN, STD = (0.5,), (0.25,)
 EPS = 8 / 255
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make(variant="v1", attack=None, **options):
     cfg = TrainConfig(method="moco-adv", variant=variant)
     apply_overrides(cfg, METHODS["moco-adv"].preset("digits", variant))

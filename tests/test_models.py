@@ -16,15 +16,6 @@ BRANCHES = ("normal", "pgd", "pgd_ce")
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the CPU is shared: two OpenMP threads fighting other processes are several times slower than one
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _randomise_bn(module: nn.Module) -> None:
     """Give every BN distinct affine parameters and running statistics, so branches differ."""
     for m in module.modules():
