@@ -18,6 +18,7 @@ environment variables, on a free port of 127.0.0.1, all methods in one process g
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -224,5 +225,68 @@ def test_rank_seed_keeps_rank_zero_and_separates_the_others():
     assert len(seeds) == 63 and 7 not in seeds
 
 
-if __name__ == "__main__":  # one rank of the fixture's 2-process run
+# ---- the engine under torchrun ------------------------------------------------------------------
+def _train_args(out, max_steps: int) -> list[str]:
+    return ["--method", "simclr", "--dataset", "digits", "--out", str(out), "--device", "cpu", "--image-size", "8",
+            "--batch-size", "64", "--no-progress", "--set", f"max_steps={max_steps}", "--set", "log_every=1",
+            "--set", "ckpt_every=1", "--set", "method.head_hidden=16"]
+
+
+def test_torchrun_trains_on_two_ranks_and_resumes_on_one(tmp_path):
+    """``torchrun --nproc_per_node=2 -m advfast.train`` (the documented launch): rank 0 alone writes the
+    run directory (one metrics row per step, not one per rank), the ranks hold the same weights at
+    the end (DDP averaged the gradients), and the 2-rank checkpoint resumes in one process."""
+    from advfast.engine import Trainer
+    from advfast.engine.trainer import load_run_config
+
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", ADVFAST_TEST_DUMP_WEIGHTS=str(tmp_path))
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", __file__, "train", *_train_args(out, 2)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert json.loads((out / "run.json").read_text())["world_size"] == 2
+    assert (out / "encoder.safetensors").is_file()
+    w0, w1 = (torch.load(tmp_path / f"weights_rank{r}.pt") for r in range(2))
+    for k in w0:  # BN running statistics are each rank's own; everything else is shared
+        assert torch.equal(w0[k], w1[k]) or "running_" in k, k
+    assert any("running_" in k and not torch.equal(w0[k], w1[k]) for k in w0)  # the ranks saw different data
+
+    cfg = load_run_config(out)
+    cfg.max_steps = 3
+    resumed = Trainer(cfg, resume=True)  # one process, world size 1
+    assert resumed.step == 2 and resumed.steps_per_epoch == 1437 // 64
+    for k, v in resumed.method.state_dict().items():  # rank 0's state at step 2
+        assert torch.equal(v, w0[k]), k
+    resumed.fit()
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+
+
+def _train_rank(argv: list[str]) -> int:
+    """One torchrun worker: advfast-train, then its final weights for the test to compare."""
+    from advfast import cli
+    from advfast.engine import Trainer
+
+    torch.set_num_threads(1)
+    held = {}
+    original_fit = Trainer.fit
+
+    def fit(self):
+        summary = original_fit(self)
+        held.update({k: v.detach().clone() for k, v in self.method.state_dict().items()})
+        return summary
+
+    Trainer.fit = fit
+    code = cli.train_main(argv)
+    torch.save(held, Path(os.environ["ADVFAST_TEST_DUMP_WEIGHTS"]) / f"weights_rank{os.environ['RANK']}.pt")
+    return code
+
+
+if __name__ == "__main__" and sys.argv[1] == "train":
+    sys.exit(_train_rank(sys.argv[2:]))
+elif __name__ == "__main__":  # one rank of the fixture's 2-process run
     _worker(sys.argv[1])

@@ -26,6 +26,7 @@ shuffle-BN are not implemented (docs/distributed.md).
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from dataclasses import dataclass
@@ -117,6 +118,7 @@ def setup(device: torch.device, info: DistInfo | None = None, timeout_s: float =
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
                                 **({"device_id": device} if device.type == "cuda" else {}))
+        atexit.register(cleanup)  # the group this call started ends with the process
     if dist.get_world_size() != info.world_size or dist.get_rank() != info.rank:
         raise RuntimeError(f"the process group (rank {dist.get_rank()} of {dist.get_world_size()}) disagrees with "
                            f"RANK={info.rank}, WORLD_SIZE={info.world_size}")
@@ -209,6 +211,16 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+class NullLogger:
+    """The metric logger of ranks other than 0: logs nothing."""
+
+    def log(self, record) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 # ---- the DDP-wrapped step ------------------------------------------------------------------------

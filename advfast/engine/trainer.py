@@ -25,6 +25,7 @@ import torch
 import advfast
 from advfast.config import TrainConfig, closest, from_dict, to_dict, validate
 from advfast.engine import checkpoint as ckpt
+from advfast.engine import distributed
 from advfast.engine.divergence import STOP, decide, weights_finite
 from advfast.engine.export import export_encoder
 from advfast.engine.logging import MetricLogger, Progress
@@ -89,6 +90,10 @@ class Trainer:
             raise ValueError(f"output directory {self.out} already holds a run; pass --resume to continue it, "
                              f"--overwrite to replace it, or choose another --out")
         self.precision = resolve_precision(cfg)
+        # under torchrun: the process group and this rank's device (cuda:LOCAL_RANK)
+        self.dist, device = distributed.setup(self.precision.device)
+        if device != self.precision.device:
+            self.precision = dataclasses.replace(self.precision, device=device)
         self.device = self.precision.device
         self._set_determinism()
 
@@ -102,7 +107,12 @@ class Trainer:
         backend = cfg.augment_backend if cfg.augment_backend != "auto" else "torch"
         # views may depend on the variant (moco v1 vs v2): Method.augment_for
         self.augment = build_augment(cls.augment_for(cfg.variant), backend=backend, size=cfg.image_size)
-        self.loader = DeviceLoader(dataset, cfg.batch_size, self.augment, self.device, seed=cfg.seed)
+        world = self.dist.world_size
+        if cfg.batch_size % world:  # batch_size is the global batch: steps per epoch do not depend on world
+            raise ValueError(f"batch_size {cfg.batch_size} (the global batch) is not divisible by the {world} ranks; "
+                             f"use a multiple of {world}")
+        self.loader = DeviceLoader(dataset, cfg.batch_size // world, self.augment, self.device, seed=cfg.seed,
+                                   rank=self.dist.rank, world_size=world)
         self.steps_per_epoch = len(self.loader)
         self.total_steps = cfg.epochs * self.steps_per_epoch
 
@@ -113,6 +123,8 @@ class Trainer:
         self.method = method
         if cfg.compile:
             self.method.encoder.compile(backend=cfg.compile_backend)
+        if self.dist.enabled:  # same weights on every rank (seeded above), own attack randomness per rank
+            torch.manual_seed(distributed.rank_seed(cfg.seed, self.dist.rank))
 
         from advfast.optim import build_optimizer, build_scheduler
 
@@ -124,13 +136,20 @@ class Trainer:
         self._epoch_start_rng: dict[str, torch.Tensor] = {}
         self._resume_rng: dict[str, torch.Tensor] | None = None
         self._stop_signal: int | None = None
+        self._stop_agreed = False
+        # DDP under torchrun (a collective: every rank has passed the holds_run check above)
+        self._ddp_step = distributed.wrap_step(self.method, self.device) if self.dist.enabled else None
 
-        prepare_run_dir(self.out, resume, overwrite)
+        if self.dist.is_main:  # rank 0 owns the run directory; every rank reads the checkpoint
+            prepare_run_dir(self.out, resume, overwrite)
+        distributed.barrier()
         self.resumed = resume and self._restore()
-        ckpt.atomic_write_json(self.out / RUN_FILE, {
-            "advfast_version": advfast.__version__, "config": to_dict(cfg),
-            "precision": self.precision.name, "device": str(self.device),
-            "steps_per_epoch": self.steps_per_epoch, "dataset_size": len(dataset)})
+        if self.dist.is_main:
+            ckpt.atomic_write_json(self.out / RUN_FILE, {
+                "advfast_version": advfast.__version__, "config": to_dict(cfg),
+                "precision": self.precision.name, "device": str(self.device),
+                "steps_per_epoch": self.steps_per_epoch, "dataset_size": len(dataset),
+                "world_size": self.dist.world_size})
 
     # ---- setup helpers -----------------------------------------------------------------------------
     def _set_determinism(self) -> None:
@@ -241,7 +260,8 @@ class Trainer:
 
     def train_step(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with self.precision.autocast():
-            loss, metrics = self.method.training_step(self._prepare(batch))
+            step = self._ddp_step if self._ddp_step is not None else self.method.training_step
+            loss, metrics = step(self._prepare(batch))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -255,8 +275,10 @@ class Trainer:
         """Train until cfg.epochs (or cfg.max_steps, or SIGINT/SIGTERM); returns a summary."""
         cfg = self.cfg
         stop_at = min(self.total_steps, cfg.max_steps or self.total_steps)
-        logger = MetricLogger(self.out, resume_step=self.step if self.resumed else None)
-        progress = Progress(stop_at, self.step, cfg.progress and self.step < stop_at,
+        main = self.dist.is_main  # logs, progress, checkpoints and the export: rank 0 only
+        logger = MetricLogger(self.out, resume_step=self.step if self.resumed else None) if main \
+            else distributed.NullLogger()
+        progress = Progress(stop_at, self.step, cfg.progress and self.step < stop_at and main,
                             desc=f"{cfg.method}" + (f"/{self.method.variant}" if self.method.variant else ""))
         sums: dict[str, torch.Tensor] = {}
         count, last = 0, None
@@ -264,7 +286,7 @@ class Trainer:
         self.method.train()
         restore_signals = self._catch_signals()
         try:
-            while self.step < stop_at and self._stop_signal is None:
+            while self.step < stop_at and not self._should_stop(False):
                 epoch = self.step // self.steps_per_epoch
                 for batch in self._batches(epoch):
                     lr = self.optimizer.param_groups[0]["lr"]
@@ -274,10 +296,11 @@ class Trainer:
                         sums[key] = sums[key] + value if key in sums else value
                     count += 1
                     progress.update()
-                    end = self.step >= stop_at or self._stop_signal is not None
+                    end = self.step >= stop_at or self._should_stop(self.step % cfg.log_every == 0)
                     if self.step % cfg.log_every == 0 or end:
                         weights_ok = weights_finite(self.method).float().view(1)
-                        values = torch.cat([torch.stack(list(sums.values())).div_(count), weights_ok]).tolist()
+                        values = torch.cat([torch.stack(list(sums.values())).div_(count), weights_ok])
+                        values = distributed.all_reduce_mean(values).tolist()  # rank mean: all ranks decide alike
                         weights_ok = values.pop() == 1.0  # read with the metrics: still the one sync
                         now = time.perf_counter()
                         last = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), "lr": lr,
@@ -292,14 +315,17 @@ class Trainer:
                         loss_ok = torch.isfinite(torch.stack(list(sums.values()))).all() if sums else torch.tensor(True)
                         self._stop_if_diverged(0.0 if bool(loss_ok) else float("nan"),
                                                bool(weights_finite(self.method)))
-                        self.save_checkpoint()
+                        if main:
+                            self.save_checkpoint()
                     if end:
                         break
         finally:
             restore_signals()
             progress.close()
             logger.close()
-        export_encoder(self.method, self.cfg, self.out, step=self.step, image_size=self._image_size())
+        if main:
+            export_encoder(self.method, self.cfg, self.out, step=self.step, image_size=self._image_size())
+        distributed.barrier()  # the run directory is complete when any rank returns
         summary = {"step": self.step, "total_steps": self.total_steps, "last": last, "out": str(self.out),
                    "stopped_by": signal.Signals(self._stop_signal).name if self._stop_signal else None}
         if self._stop_signal is not None:
@@ -309,6 +335,15 @@ class Trainer:
 
     def _image_size(self) -> int:
         return int(self.cfg.image_size or self.dataset.images.shape[-1])
+
+    def _should_stop(self, agree: bool) -> bool:
+        """SIGINT/SIGTERM was caught. Under torchrun a signal on any rank stops every rank at the same
+        step: the ranks agree on it at log steps (``agree``), the loop's only sync."""
+        if not self.dist.enabled:
+            return self._stop_signal is not None
+        if agree and not self._stop_agreed:
+            self._stop_agreed = distributed.any_rank(self._stop_signal is not None, self.device)
+        return self._stop_agreed
 
     def _stop_if_diverged(self, loss: float, weights_ok: bool) -> None:
         """TrainingDiverged on a non-finite loss or weights (fp16: skipped steps pass, see divergence.py)."""
