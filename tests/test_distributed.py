@@ -233,8 +233,8 @@ def _train_args(out, max_steps: int) -> list[str]:
 
 
 def test_torchrun_trains_on_two_ranks_and_resumes_on_one(tmp_path):
-    """``torchrun --nproc_per_node=2 -m advfast.train`` (the documented launch): rank 0 alone writes the
-    run directory (one metrics row per step, not one per rank), the ranks hold the same weights at
+    """torchrun with 2 ranks, each running advfast-train's entry point (cli.train_main; this file
+    wraps it only to dump the final weights): rank 0 alone writes the run directory (one metrics row per step, not one per rank), the ranks hold the same weights at
     the end (DDP averaged the gradients), and the 2-rank checkpoint resumes in one process."""
     from advfast.engine import Trainer
     from advfast.engine.trainer import load_run_config
