@@ -350,7 +350,9 @@ class Trainer:
         enabled = self.scaler.is_enabled()
         scale = self.scaler.get_scale() if enabled else None
         if decide(math.isfinite(loss), weights_ok, enabled, scale) == STOP:
-            raise TrainingDiverged(self._diverged_message(loss if weights_ok else "NaN/Inf in the weights"))
+            # a non-finite loss is the cause when both are (its gradients then poison the weights)
+            bad_loss = not math.isfinite(loss)
+            raise TrainingDiverged(self._diverged_message(loss if bad_loss or weights_ok else "weights"))
 
     def _diverged_message(self, value) -> str:
         kept = ckpt.list_checkpoints(self.out / CHECKPOINTS)
