@@ -124,9 +124,26 @@ def _ghost_bn(module: nn.Module) -> None:
             m.forward = types.MethodType(forward, m)
 
 
+def _shuffle_bn_reference(key: nn.Module) -> None:
+    """The key encoder's shuffle-BN as one process sees it: the rows are permuted by rank 0's
+    permutation (the same RNG draw: both sides start from the same seed), each half of the shuffled
+    rows is one rank's BN batch (the ghost BN), and the outputs are put back in order."""
+    plain = key.forward
+
+    def forward(x, branch="normal"):
+        if not key.training:
+            return plain(x, branch)
+        perm = torch.randperm(x.shape[0])
+        return plain(x[perm], branch)[torch.argsort(perm)]
+
+    key.forward = forward
+
+
 def _reference(name: str):
     method = _build(name)
     _ghost_bn(method)
+    if hasattr(method, "key"):
+        _shuffle_bn_reference(method.key)
     init = {k: v.detach().clone() for k, v in method.state_dict().items()}
     loss, state = _one_step(method, method.training_step, _global_batch())
     return init, loss, state

@@ -20,8 +20,8 @@ Contrastive losses need the *global* batch, not each rank's slice:
 * ``all_gather`` (no gradient) is for momentum-queue keys: every rank enqueues the same keys, so
   the queues stay identical.
 
-BatchNorm statistics stay per rank (as in MoCo's and SimCLR's DDP code); SyncBN and MoCo's
-shuffle-BN are not implemented (docs/distributed.md).
+``shuffled_forward`` is MoCo's shuffle-BN for the momentum (key) encoders. Otherwise BatchNorm
+statistics stay per rank (as in SimCLR's DDP code); SyncBN is not implemented (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -193,6 +193,23 @@ def gather_views(z: torch.Tensor, n_views: int) -> torch.Tensor:
     b = z.shape[0] // n_views
     g = gather_with_grad(z.reshape(n_views, b, *z.shape[1:]).transpose(0, 1).contiguous())  # (W*B, V, ...)
     return g.transpose(0, 1).reshape(-1, *z.shape[1:])
+
+
+def shuffled_forward(fn, x: torch.Tensor) -> torch.Tensor:
+    """MoCo's shuffle-BN: ``fn`` (a train-mode forward with BatchNorm) runs on a random slice of the
+    global batch instead of this rank's own rows, and the outputs come back to the rows' owners.
+
+    BN then never normalises an image's key with the statistics of the batch its query sits in (the
+    intra-batch signal MoCo's shuffle removes). The permutation is drawn on rank 0 and broadcast.
+    Every rank must pass the same number of rows. ``fn(x)`` itself when not distributed."""
+    if not is_active():
+        return fn(x)
+    b, r = x.shape[0], dist.get_rank()
+    everyone = gather_with_grad(x)
+    perm = torch.randperm(everyone.shape[0], device=x.device)
+    dist.broadcast(perm, src=0)
+    out = gather_with_grad(fn(everyone.index_select(0, perm[r * b:(r + 1) * b])))
+    return out.index_select(0, torch.argsort(perm)[r * b:(r + 1) * b])
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,10 @@ statistics are *not* averaged: the key encoder accumulates its own from the batc
 train mode, exactly as MoCo (facebookresearch/moco ``_momentum_update_key_encoder``) and AMOC
 (``momentum_update_key_encoder``) do.
 
+Under torchrun the key forward in train mode uses shuffle-BN (``engine.distributed.shuffled_forward``,
+as the official MoCo's ``_batch_shuffle_ddp``): each rank encodes a random slice of the global key
+batch. In one process (or in eval mode, e.g. inside an attack) it is the plain forward.
+
 ``run_attack``: the AttackConfig (pgd | fgsm) applied to a loss closure.
 """
 
@@ -24,6 +28,7 @@ import torch
 from torch import nn
 
 from advfast import attacks
+from advfast.engine.distributed import shuffled_forward
 from advfast.ops.ema import ema_update_
 
 
@@ -52,6 +57,8 @@ class MomentumEncoder(nn.Module):
         yield from (("head." + n, p) for n, p in head.named_parameters())
 
     def forward(self, x: torch.Tensor, branch: str = "normal") -> torch.Tensor:
+        if self.training:  # BN uses batch statistics: shuffle-BN across ranks (identity in one process)
+            return shuffled_forward(lambda xs: self.head(self.encoder(xs, branch), branch), x)
         return self.head(self.encoder(x, branch), branch)
 
     @torch.no_grad()
