@@ -210,6 +210,38 @@ def test_diverged_run_exits_1_with_one_line(tmp_path, capsys, monkeypatch):
     assert err.count("\n") == 1 and "loss became nan by step 1; no checkpoint was written yet" in err
 
 
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+@pytest.mark.parametrize("writer", ["pickle", "torch.save"])
+def test_resume_skips_a_planted_pickle_and_never_runs_it(tmp_path, capsys, monkeypatch, writer):
+    """A pickle (plain, or torch.save's zip) planted as the newest checkpoint, its JSON even carrying the
+    right SHA-256: --resume reports it by name, never executes it, and resumes from the previous one."""
+    import hashlib
+    import pickle
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    _trainer(run, max_steps=2).fit()
+    ckpts = run / "checkpoints"
+    planted = ckpts / "ckpt-000000003.safetensors"
+    if writer == "pickle":
+        planted.write_bytes(pickle.dumps({"model.w": _Payload()}))
+    else:
+        torch.save({"model.w": _Payload()}, planted)
+    meta = json.loads((ckpts / "ckpt-000000002.json").read_text())
+    meta.update(step=3, tensors=planted.name, sha256=hashlib.sha256(planted.read_bytes()).hexdigest())
+    (ckpts / "ckpt-000000003.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    resumed = Trainer(build_config("acl", None, "digits", [dict(SMALL, out=str(run), max_steps=3)]), resume=True)
+    out = capsys.readouterr().out
+    assert f"skipping checkpoint {planted} is unreadable" in out
+    assert resumed.step == 2 and f"resuming {run} from step 2" in out
+    assert not (tmp_path / "PWNED").exists()
+
+
 def test_decide_table():
     assert decide(True, True, scaler_enabled=False) == OK
     assert decide(False, True, scaler_enabled=False) == STOP  # fp32 / bf16: any non-finite loss stops
