@@ -20,6 +20,12 @@ Contrastive losses need the *global* batch, not each rank's slice:
 * ``all_gather`` (no gradient) is for momentum-queue keys: every rank enqueues the same keys, so
   the queues stay identical.
 
+In an input-gradient attack on a gathered loss the gradient reaching this rank's images is likewise
+``world_size`` times dL/dx; PGD and FGSM use only its sign (linf) or per-sample direction (l2), so
+the attack is that of one process. An attack loss that adds a gathered term to a rank-local one
+would need the local term scaled by ``world_size`` to keep the one-process direction (this is why
+advcl and rocl keep their per-rank contrastive losses for now).
+
 ``shuffled_forward`` is MoCo's shuffle-BN for the momentum (key) encoders. Otherwise BatchNorm
 statistics stay per rank (as in SimCLR's DDP code); SyncBN is not implemented (docs/distributed.md).
 """
@@ -151,8 +157,9 @@ class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         ctx.rows = x.shape[0]
+        x = x.contiguous()  # collectives take plain contiguous tensors (channels_last is not)
         parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
+        dist.all_gather(parts, x)
         return torch.cat(parts)
 
     @staticmethod
@@ -176,8 +183,9 @@ def all_gather(x: torch.Tensor) -> torch.Tensor:
     """Every rank's ``x`` concatenated along dim 0, in rank order, detached (queue keys)."""
     if not is_active():
         return x
+    x = x.detach().contiguous()
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.detach().contiguous())
+    dist.all_gather(parts, x)
     return torch.cat(parts)
 
 
@@ -208,7 +216,10 @@ def shuffled_forward(fn, x: torch.Tensor) -> torch.Tensor:
     everyone = gather_with_grad(x)
     perm = torch.randperm(everyone.shape[0], device=x.device)
     dist.broadcast(perm, src=0)
-    out = gather_with_grad(fn(everyone.index_select(0, perm[r * b:(r + 1) * b])))
+    mine = everyone.index_select(0, perm[r * b:(r + 1) * b])
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        mine = mine.contiguous(memory_format=torch.channels_last)  # the layout the model was given
+    out = gather_with_grad(fn(mine))
     return out.index_select(0, torch.argsort(perm)[r * b:(r + 1) * b])
 
 
