@@ -238,8 +238,8 @@ def test_rank_seed_keeps_rank_zero_and_separates_the_others():
     from advfast.engine.distributed import rank_seed
 
     assert rank_seed(7, 0) == 7
-    seeds = {rank_seed(7, r) for r in range(1, 64)}
-    assert len(seeds) == 63 and 7 not in seeds
+    seeds = {rank_seed(7, r) for r in range(1, 64)} | {rank_seed(7, r, step=5) for r in range(64)}
+    assert len(seeds) == 127 and 7 not in seeds
 
 
 # ---- the engine under torchrun ------------------------------------------------------------------

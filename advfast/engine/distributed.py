@@ -142,14 +142,15 @@ def barrier() -> None:
         dist.barrier()
 
 
-def rank_seed(seed: int, rank_: int) -> int:
-    """A per-rank seed (attack random starts differ across ranks); rank 0 keeps ``seed`` itself, so
-    a one-process run draws exactly what it drew before distributed training existed."""
-    if rank_ == 0:
+def rank_seed(seed: int, rank_: int, step: int = 0) -> int:
+    """A per-rank seed (attack random starts differ across ranks); rank 0 at step 0 keeps ``seed``
+    itself, so a one-process run draws exactly what it drew before distributed training existed.
+    ``step``: the seed of a rank resumed at that step (only rank 0's stream is in the checkpoint)."""
+    if rank_ == 0 and step == 0:
         return int(seed)
     from advfast.data.loader import _mix
 
-    return _mix(seed, rank_, 0x5EED)
+    return _mix(seed, rank_, 0x5EED, step)
 
 
 # ---- collectives ------------------------------------------------------------------------------------

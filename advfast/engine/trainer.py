@@ -190,6 +190,8 @@ class Trainer:
         for name, gen in self._generators().items():
             if f"gen.{name}" in state:
                 gen.set_state(state[f"gen.{name}"])
+        if self.dist.rank > 0:  # the checkpoint holds rank 0's global stream: this rank's own, per step
+            torch.manual_seed(distributed.rank_seed(self.cfg.seed, self.dist.rank, self.step))
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
