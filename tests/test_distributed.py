@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -283,6 +284,23 @@ def test_torchrun_trains_on_two_ranks_and_resumes_on_one(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3]
 
 
+def test_a_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """SIGTERM reaches rank 1 alone after step 3; with log_every=2 the ranks agree at step 4, both
+    stop there (no rank waits forever in a collective), rank 0 checkpoints step 4, both exit 143."""
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", ADVFAST_TEST_DUMP_WEIGHTS=str(tmp_path),
+               ADVFAST_TEST_SIGTERM_RANK1_AT="3")
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", __file__, "train", *_train_args(out, 10), "--set", "log_every=2",
+           "--set", "ckpt_every=100"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.stdout.count("stopped by SIGTERM at step 4") == 2, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]
+    assert [p.name for p in sorted((out / "checkpoints").glob("*.json"))] == ["ckpt-000000004.json"]
+
+
 def _train_rank(argv: list[str]) -> int:
     """One torchrun worker: advfast-train, then its final weights for the test to compare."""
     from advfast import cli
@@ -298,6 +316,17 @@ def _train_rank(argv: list[str]) -> int:
         return summary
 
     Trainer.fit = fit
+    kill_at = os.environ.get("ADVFAST_TEST_SIGTERM_RANK1_AT")
+    if kill_at and os.environ["RANK"] == "1":
+        original_step = Trainer.train_step
+
+        def train_step(self, batch):
+            result = original_step(self, batch)
+            if self.step == int(kill_at):
+                os.kill(os.getpid(), signal.SIGTERM)
+            return result
+
+        Trainer.train_step = train_step
     code = cli.train_main(argv)
     torch.save(held, Path(os.environ["ADVFAST_TEST_DUMP_WEIGHTS"]) / f"weights_rank{os.environ['RANK']}.pt")
     return code

@@ -233,13 +233,13 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return x.div_(dist.get_world_size())
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True when ``flag`` is True on any rank (a host sync: call it rarely)."""
+def max_over_ranks(value: int, device: torch.device) -> int:
+    """The largest ``value`` of all ranks (a host sync: call it rarely)."""
     if not is_active():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return int(t.item())
 
 
 class NullLogger:

@@ -344,7 +344,10 @@ class Trainer:
         if not self.dist.enabled:
             return self._stop_signal is not None
         if agree and not self._stop_agreed:
-            self._stop_agreed = distributed.any_rank(self._stop_signal is not None, self.device)
+            signum = distributed.max_over_ranks(self._stop_signal or 0, self.device)
+            if signum:  # every rank reports the stop (and exits with its code), not only the signalled one
+                self._stop_signal = self._stop_signal or signum
+                self._stop_agreed = True
         return self._stop_agreed
 
     def _stop_if_diverged(self, loss: float, weights_ok: bool) -> None:
