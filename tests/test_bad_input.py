@@ -138,7 +138,7 @@ def runs(tmp_path_factory):
     for name, extra in (("acl", ["--method", "acl"]), ("simclr", ["--method", "simclr"]),
                         ("resnet18", ["--method", "acl", "--arch", "resnet18"])):
         out = base / name
-        assert train_main([*extra, *TINY, "--batch-size", "512", "--set", "max_steps=1", "--out", str(out)]) == 0
+        assert train_main([*extra, *TINY, "--batch-size", "32", "--set", "max_steps=1", "--out", str(out)]) == 0
         made[name] = out
     return made
 
