@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from advfast.cli import train_main
@@ -39,16 +40,31 @@ def test_every_protocol_runs_and_reports(digits_run, tmp_path, protocol, attacks
     assert "| SA (clean) |" in (out / "results.md").read_text()
 
 
-def test_autoattack_smoothing_plots_and_other_branch(digits_run, tmp_path):
+def _fake_cifar10c(directory, n=6, size=16):
+    """CIFAR-10-C's layout at digits' size: labels.npy + <corruption>.npy, 5 severities of n images."""
+    rng = np.random.default_rng(0)
+    directory.mkdir()
+    np.save(directory / "labels.npy", np.tile(rng.integers(0, 10, n), 5).astype(np.int64))
+    for name in ("gaussian_noise", "fog"):
+        np.save(directory / f"{name}.npy", rng.integers(0, 256, (5 * n, size, size, 3), dtype=np.uint8))
+    return directory
+
+
+def test_autoattack_unseen_corruptions_smoothing_plots_and_other_branch(digits_run, tmp_path):
     pytest.importorskip("torchattacks", reason="torchattacks (the eval extra) is not installed")
     out = tmp_path / "aa"
+    corruptions = _fake_cifar10c(tmp_path / "cifar10c")
+    attacks = "autoattack,pgd20-2x,l2-0.5,l1-12"
     rc = eval_main(["--checkpoint", str(digits_run / "encoder.safetensors"), "--protocol", "slf",
-                    "--bn-branch", "normal", "--attacks", "autoattack", "--smoothing", "2", "--epochs", "1",
-                    "--n-eval", "12", "--out", str(out)])
+                    "--bn-branch", "normal", "--attacks", attacks, "--smoothing", "2", "--epochs", "1",
+                    "--corruptions-dir", str(corruptions), "--n-eval", "12", "--out", str(out)])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert res["bn_branch"] == "normal"
+    assert set(res["robust_accuracy"]) == set(attacks.split(","))
     assert set(res["smoothed"]) == {"clean", "pgd20-transfer"}
+    assert {"gaussian_noise", "fog", "fog/5", "mean"} <= set(res["corruptions"])
+    assert "| corruptions (mean) |" in (out / "results.md").read_text()
     for name in ("tsne.png", "accuracy_vs_eps.png", "training_curves.png"):
         assert (out / name).stat().st_size > 1000
 
