@@ -315,8 +315,11 @@ class Trainer:
                     if self.step % cfg.ckpt_every == 0 or end:
                         # never checkpoint weights trained on a non-finite loss since the last check
                         loss_ok = torch.isfinite(torch.stack(list(sums.values()))).all() if sums else torch.tensor(True)
-                        self._stop_if_diverged(0.0 if bool(loss_ok) else float("nan"),
-                                               bool(weights_finite(self.method)))
+                        ok = torch.stack([loss_ok.to(self.device).float(),
+                                          weights_finite(self.method).to(self.device).float().view(())])
+                        # over all ranks: a TrainingDiverged on one rank alone would leave the others waiting
+                        loss_ok, weights_ok = (v == 1.0 for v in distributed.all_reduce_mean(ok).tolist())
+                        self._stop_if_diverged(0.0 if loss_ok else float("nan"), weights_ok)
                         if main:
                             self.save_checkpoint()
                     if end:
