@@ -8,7 +8,6 @@ only once both files are whole, and a truncated or altered one is detected by na
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -19,6 +18,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from advfast.io import atomic_write_bytes, file_sha256, fsync_dir
 
 FORMAT = "advfast-checkpoint-1"
 _NAME = re.compile(r"ckpt-(\d{9})\.json")
@@ -34,21 +35,6 @@ class CheckpointError(ValueError):
 
 # ---- atomic files ---------------------------------------------------------------------------------
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, allow_nan=False) + "\n").encode())
 
@@ -61,7 +47,7 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: 
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
-        digest = _sha256(tmp)
+        digest = file_sha256(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         if _before_replace is not None:
@@ -70,7 +56,7 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: 
     except BaseException:
         _unlink(tmp)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return digest
 
 
@@ -78,27 +64,6 @@ def _kill_point(step: int, stage: str) -> None:
     """The test-only crash hook (KILL_HOOK_ENV): SIGKILL leaves no chance to clean up, like a power cut."""
     if os.environ.get(KILL_HOOK_ENV) == f"{step}:{stage}":
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
 
 
 def _unlink(path) -> None:
@@ -192,7 +157,7 @@ def load_checkpoint(json_path: Path) -> tuple[dict[str, Any], dict[str, dict[str
     tensor_path = json_path.parent / meta["tensors"]
     if tensor_path.parent != json_path.parent or not tensor_path.is_file():
         raise CheckpointError(f"checkpoint {json_path} lacks its tensor file {tensor_path.name}")
-    if _sha256(tensor_path) != meta.get("sha256"):
+    if file_sha256(tensor_path) != meta.get("sha256"):
         raise CheckpointError(f"checkpoint {tensor_path} is truncated or altered (SHA-256 mismatch)")
     try:
         flat = load_file(tensor_path)

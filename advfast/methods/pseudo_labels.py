@@ -21,7 +21,6 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import math
@@ -34,6 +33,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
+
+from advfast.io import file_sha256
 
 DEFAULT_KS = (2, 10, 50, 100, 500)
 FORMAT = "advfast-pseudo-labels/1"
@@ -144,14 +145,6 @@ def kmeans_sklearn(x: torch.Tensor, k: int, *, seed: int = 0, max_iter: int = 30
 
 
 # ---- features ------------------------------------------------------------------------------------
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def resolve_encoder_files(run_dir: str | os.PathLike) -> tuple[Path, Path]:
     """(encoder.safetensors, encoder.json) of a run dir (or of the dir holding a given file)."""
     p = Path(run_dir)
