@@ -59,6 +59,7 @@ def main() -> None:
             row[f"{protocol}_sa"] = 100 * res["clean_accuracy"]
             row[f"{protocol}_ra"] = 100 * res["robust_accuracy"]["pgd20"]
             row[f"{protocol}_s"] = eval_s
+            row["n_eval"] = res["n_eval"]
         rows.append(row)
         print(f"{method}: SLF {row['slf_sa']:.1f}/{row['slf_ra']:.1f}  ALF {row['alf_sa']:.1f}/{row['alf_ra']:.1f}  "
               f"({row['pretrain_s']:.0f} s pre-training)", file=sys.stderr, flush=True)
@@ -69,7 +70,7 @@ def main() -> None:
         table.append(f"| {r['method']} | {r['slf_sa']:.1f} | {r['slf_ra']:.1f} | {r['alf_sa']:.1f} | {r['alf_ra']:.1f} "
                      f"| {r['pretrain_s']:.0f} |")
     text = "\n".join(table) + (f"\n\nSA: clean accuracy, RA: PGD-20 accuracy at l_inf eps {args.eps} (%), on the "
-                               f"360 digits test images; {minutes:.1f} min in all on {args.device}.\n")
+                               f"{rows[0]['n_eval']} digits test images; {minutes:.1f} min in all on {args.device}.\n")
     with open(os.path.join(args.out, "table.md"), "w", encoding="utf-8") as fh:
         fh.write(text)
     with open(os.path.join(args.out, "table.json"), "w", encoding="utf-8") as fh:
