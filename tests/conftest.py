@@ -38,3 +38,23 @@ def _fresh_seed(request):
     torch.manual_seed(seed)
     request.node.user_properties.append(("seed", seed))
     yield
+
+
+@pytest.fixture
+def train_a_few_steps():
+    """``run(method, make_batch, steps=2)``: SGD steps of a method's full recipe (training step,
+    backward, optimiser step, after_optimizer_step), asserting every loss and metric is finite."""
+
+    def run(method, make_batch, steps: int = 2, lr: float = 0.05):
+        opt = torch.optim.SGD(method.trainable_parameters(), lr=lr, momentum=0.9)
+        for _ in range(steps):
+            loss, metrics = method.training_step(make_batch())
+            assert torch.isfinite(loss) and all(torch.isfinite(v) for v in metrics.values())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            method.after_optimizer_step()
+        return loss
+
+    return run
+

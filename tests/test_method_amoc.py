@@ -55,16 +55,9 @@ def query64(m64, x, branch):
 
 
 @pytest.mark.parametrize("variant", ["acc", "aca", "aac", "aaa"])
-def test_every_variant_trains_a_few_steps_with_finite_loss(variant):
+def test_every_variant_trains_a_few_steps_with_finite_loss(variant, train_a_few_steps):
     method = make(variant)
-    opt = torch.optim.SGD(method.trainable_parameters(), lr=0.05, momentum=0.9)
-    for _ in range(2):
-        loss, metrics = method.training_step(batch())
-        assert torch.isfinite(loss) and all(torch.isfinite(v) for v in metrics.values())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        method.after_optimizer_step()
+    train_a_few_steps(method, batch)
     assert method.eval_branch == "adv" and method.encoder.branches == ("clean", "adv")
 
 

@@ -31,16 +31,9 @@ def batch():
 
 
 @pytest.mark.parametrize("variant,kind", [("v1", "pgd"), ("v2", "pgd"), ("v1", "fgsm"), ("v2", "fgsm")])
-def test_trains_a_few_steps_with_finite_loss(variant, kind):
+def test_trains_a_few_steps_with_finite_loss(variant, kind, train_a_few_steps):
     method = make(variant, attack=dict(kind=kind, random_start=kind == "pgd"), clean_weight=0.5 if kind == "pgd" else 0.0)
-    opt = torch.optim.SGD(method.trainable_parameters(), lr=0.05, momentum=0.9)
-    for _ in range(2):
-        loss, metrics = method.training_step(batch())
-        assert torch.isfinite(loss) and all(torch.isfinite(v) for v in metrics.values())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        method.after_optimizer_step()
+    train_a_few_steps(method, batch)
     assert int(method.queue.ptr) == 2 * B
     assert method.eval_branch == "normal"
 
