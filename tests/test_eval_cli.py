@@ -20,15 +20,15 @@ def digits_run(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("protocol,attacks", [
-    ("slf", "pgd20,l2-0.25,l1-7.84"),
-    ("alf", "pgd20,fgsm"),
-    ("aff", "pgd20"),
+@pytest.mark.parametrize("protocol,attacks,extra", [
+    ("slf", "pgd20,l2-0.25,l1-7.84", []),
+    ("alf", "pgd20,fgsm", ["--precision", "bf16"]),
+    ("aff", "pgd20", ["--no-progress"]),
 ])
-def test_every_protocol_runs_and_reports(digits_run, tmp_path, protocol, attacks):
+def test_every_protocol_runs_and_reports(digits_run, tmp_path, protocol, attacks, extra):
     out = tmp_path / protocol
     rc = eval_main(["--checkpoint", str(digits_run), "--protocol", protocol, "--attacks", attacks,
-                    "--epochs", "1", "--n-eval", "24", "--out", str(out), "--no-plots"])
+                    "--epochs", "1", "--n-eval", "24", "--out", str(out), "--no-plots", *extra])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     for key in ("clean_accuracy", "robust_accuracy", "protocol", "bn_branch", "n_eval", "eps", "finetune_history"):
@@ -38,6 +38,7 @@ def test_every_protocol_runs_and_reports(digits_run, tmp_path, protocol, attacks
         assert 0.0 <= acc <= 1.0
     assert res["bn_branch"] == "pgd"  # ACL DS evaluates its pgd branch, as the official --bnNameCnt 1
     assert "| SA (clean) |" in (out / "results.md").read_text()
+    assert res["precision"] == ("bf16" if "bf16" in extra else "fp32")
 
 
 def _fake_cifar10c(directory, n=6, size=16):

@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corruptions-dir", default=None, help="a CIFAR-10-C directory for corruption accuracy")
     p.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs")
     p.add_argument("--lr", type=float, default=None, help="override the protocol's learning rate")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="arithmetic of the model under attack (default fp32; perturbations are always fp32)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--out", required=True, help="directory for results.json, results.md and plots")
     return p
@@ -65,6 +68,7 @@ def eval_main(argv: list[str] | None = None) -> int:
                      attacks=args.attacks, eps=args.eps, n_eval=args.n_eval, dataset=args.dataset,
                      data_dir=args.data_dir, download=args.download, device=args.device, seed=args.seed,
                      smoothing=args.smoothing, corruptions_dir=args.corruptions_dir, plots=not args.no_plots,
+                     precision=args.precision, progress=not args.no_progress,
                      overrides=overrides)
     try:
         evaluate(cfg, log=lambda msg: print(msg, file=sys.stderr))

@@ -18,6 +18,20 @@ from advfast.config import closest
 from advfast.eval.finetune import ce_attack
 
 
+class AutocastModel(nn.Module):
+    """``model`` run under autocast in ``dtype`` (bf16 evaluation, when asked for); logits in fp32 so the
+    attack's loss and the perturbation stay fp32."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        self.model = model
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=self.dtype):
+            return self.model(x).float()
+
+
 @dataclass(frozen=True)
 class AttackSpec:
     name: str

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from advfast.data import DeviceLoader, build_augment, load_dataset
 from advfast.io import atomic_write_text
@@ -17,7 +18,7 @@ from advfast.eval.finetune import Classifier, finetune
 from advfast.eval.pretrained import load_pretrained
 from advfast.eval.protocols import protocol_preset
 from advfast.eval.report import plot_eps_curve, plot_training_curves, plot_tsne, write_report
-from advfast.eval.robustness import (attack_table, clean_accuracy, corruption_accuracy, eps_curve,
+from advfast.eval.robustness import (AutocastModel, attack_table, clean_accuracy, corruption_accuracy, eps_curve,
                                      parse_attacks, robust_accuracy, smoothed_accuracy)
 
 
@@ -38,6 +39,8 @@ class EvalConfig:
     smoothing: int = 0  # RoCL's transformation-smoothed inference with this many samples (0: off)
     corruptions_dir: str | None = None
     plots: bool = True
+    precision: str = "fp32"  # "fp32" | "bf16": the model's arithmetic under attack (perturbations stay fp32)
+    progress: bool = True  # tqdm bars for fine-tuning epochs and attacked images
     overrides: dict = field(default_factory=dict)  # protocol schedule overrides (epochs, lr, ...)
 
 
@@ -76,24 +79,33 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
     loader = DeviceLoader(train, batch_size, build_augment(pcfg.augment, backend="torch"), device, seed=cfg.seed)
     log(f"[advfast-eval] {cfg.protocol.upper()}: {pcfg.epochs} epochs on {train.images.shape[0]} {dataset_name} "
         f"images, branch {meta['bn_branch']}, device {device}")
+    if cfg.precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision {cfg.precision!r}: choose fp32 or bf16")
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    history = finetune(model, loader, pcfg, progress=lambda r: log(
-        f"  epoch {r['epoch']:3d}  loss {r['loss']:.4f}  train acc {100 * r['train_acc']:.2f}%"),
-        generator=generator)
+    with tqdm(total=pcfg.epochs, desc=f"{cfg.protocol} fine-tuning", unit="epoch", disable=not cfg.progress,
+              leave=False) as bar:
+        def on_epoch(r):
+            bar.update(1)
+            log(f"  epoch {r['epoch']:3d}  loss {r['loss']:.4f}  train acc {100 * r['train_acc']:.2f}%")
+
+        history = finetune(model, loader, pcfg, progress=on_epoch, generator=generator)
+    scored = model if cfg.precision == "fp32" else AutocastModel(model, torch.bfloat16)
 
     n_eval = test.images.shape[0] if cfg.n_eval is None else min(cfg.n_eval, test.images.shape[0])
     images, labels = test.images[:n_eval], test.labels[:n_eval]
     result = {
         "checkpoint": os.path.abspath(cfg.checkpoint), "protocol": cfg.protocol, "dataset": dataset_name,
         "bn_branch": meta["bn_branch"], "method": meta.get("method"), "arch": meta.get("arch"),
-        "n_eval": n_eval, "eps": eps, "device": str(device), "seed": cfg.seed,
+        "n_eval": n_eval, "eps": eps, "device": str(device), "seed": cfg.seed, "precision": cfg.precision,
         "schedule": dataclasses.asdict(pcfg), "finetune_history": history.epochs,
     }
-    result["clean_accuracy"] = clean_accuracy(model, images, labels)
+    result["clean_accuracy"] = clean_accuracy(scored, images, labels)
     log(f"  SA {100 * result['clean_accuracy']:.2f}%")
     result["robust_accuracy"] = {}
     for spec in specs:
-        acc = robust_accuracy(model, images, labels, spec, num_classes=train.num_classes, seed=cfg.seed)
+        with tqdm(total=n_eval, desc=spec.name, unit="img", disable=not cfg.progress, leave=False) as bar:
+            acc = robust_accuracy(scored, images, labels, spec, num_classes=train.num_classes, seed=cfg.seed,
+                                  progress=bar.update)
         result["robust_accuracy"][spec.name] = acc
         log(f"  {spec.name} {100 * acc:.2f}%")
     if cfg.smoothing:
@@ -104,7 +116,7 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
                                                 spec=attack_table(eps)["pgd20"], seed=cfg.seed),
         }
     if cfg.corruptions_dir:
-        result["corruptions"] = corruption_accuracy(model, cfg.corruptions_dir,
+        result["corruptions"] = corruption_accuracy(scored, cfg.corruptions_dir,
                                                     n_per_severity=cfg.n_eval)
     result["plots"] = _plots(cfg, model, images, labels, eps, meta) if cfg.plots else {}
     result["seconds"] = round(time.time() - started, 1)
