@@ -67,6 +67,7 @@ class TrainConfig:
     precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "fp32" | "bf16" | "fp16"
     channels_last: str = "auto"  # "auto" (on for GPU) | "on" | "off"
     compile: bool = False  # torch.compile the encoder (in place: checkpoint keys do not change)
+    sync_bn: bool = False  # torchrun on GPUs: SyncBatchNorm, each BN branch synchronised on its own
     compile_backend: str = "inductor"  # any torch.compile backend ("aot_eager" compiles fast, for tests)
     deterministic: bool = False
     out: str = "runs/run"

@@ -278,3 +278,20 @@ def wrap_step(method: nn.Module, device: torch.device, find_unused_parameters: b
     device = torch.device(device)
     ids = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else None
     return DDP(_Step(method), device_ids=ids, find_unused_parameters=find_unused_parameters)
+
+
+def convert_sync_bn(method: nn.Module, device: torch.device) -> nn.Module:
+    """Every BatchNorm of ``method`` (each branch of a multi-branch BN on its own, the momentum key
+    encoders included) becomes a torch SyncBatchNorm: statistics over the global batch, per branch.
+
+    In place (state_dict keys and the branch switches are unchanged). Only for CUDA devices under
+    torchrun: torch synchronises BN statistics for GPU tensors only. In one process SyncBatchNorm
+    computes exactly what BatchNorm does."""
+    if is_active() and torch.device(device).type != "cuda":
+        raise ValueError("sync_bn needs CUDA GPUs (torch's SyncBatchNorm synchronises GPU tensors only); "
+                         "on CPU ranks leave it off: the key encoders already use shuffle-BN")
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    if converted is not method:  # only when ``method`` itself is a bare BatchNorm
+        raise TypeError("convert_sync_bn expects a model containing BatchNorm layers, not a BatchNorm")
+    return method
+

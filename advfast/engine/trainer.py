@@ -120,6 +120,8 @@ class Trainer:
         method = cls(cfg, dataset.num_classes, dataset.mean, dataset.std).to(self.device)
         if self.precision.channels_last:
             method = method.to(memory_format=torch.channels_last)
+        if cfg.sync_bn:  # per-branch SyncBatchNorm under torchrun on GPUs (a no-op computation in one process)
+            distributed.convert_sync_bn(method, self.device)
         self.method = method
         if cfg.compile:
             self.method.encoder.compile(backend=cfg.compile_backend)
