@@ -15,6 +15,11 @@ try:
 except ImportError:  # pragma: no cover - torch is a hard dependency
     _HAS_CUDA = False
 
+# Subprocesses the tests start (python -c / -m) must import the installed advfast, as the tests do
+# (--import-mode=importlib), not the source folder that shadows it from the checkout's root: that folder
+# has neither the compiled advfast._C nor advfast.kernels (kernels/ is mapped in at install time).
+os.environ["PYTHONSAFEPATH"] = "1"
+
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
     # The CPU tests use small tensors, where two OpenMP threads cost more in hand-offs than they gain,
