@@ -44,12 +44,12 @@ def main(argv=None) -> int:
     try:
         import dataclasses
 
-        from advfast.bench import device as dev
         from advfast.bench.harness import check_methods, pick_sizes
+        from advfast.engine.precision import resolve_device
 
         methods = check_methods(args.methods)
         configs = expand_configs(args.configs)
-        device = dev.resolve_device(args.device)
+        device = resolve_device(args.device)
         sizes = pick_sizes(args.size, device)
         changes = {}
         for name, low in (("steps", 1), ("repeats", 1), ("warmup", 0), ("workers", 0)):

@@ -34,10 +34,16 @@ class Precision:
         return torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str = "auto") -> torch.device:
+    """"auto" (a GPU when one is visible), "cpu", "cuda" or "cuda:N", checked against this machine."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {name!r} asked for, but no CUDA GPU is visible; use --device cpu")

@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from advfast.data import DeviceLoader, build_augment, load_dataset
+from advfast.engine.precision import resolve_device
 from advfast.io import atomic_write_text
 from advfast.eval.finetune import Classifier, finetune
 from advfast.eval.pretrained import load_pretrained
@@ -44,20 +45,11 @@ class EvalConfig:
     overrides: dict = field(default_factory=dict)  # protocol schedule overrides (epochs, lr, ...)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: no CUDA GPU is visible here; use --device cpu")
-    return device
-
-
 def evaluate(cfg: EvalConfig, log=print) -> dict:
     """Run the protocol and every requested attack; write results.json, results.md and plots into
     cfg.out; return the result dictionary."""
     started = time.time()
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     encoder, meta = load_pretrained(cfg.checkpoint, cfg.bn_branch)
     dataset_name = cfg.dataset or meta["dataset"]
