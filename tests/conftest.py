@@ -35,6 +35,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test's report names its seed, so ``ADVFAST_TEST_SEED=<seed> pytest <test>`` replays it."""
+    report = yield
+    if report.failed:
+        seed = dict(item.user_properties).get("seed")
+        if seed is not None:
+            report.sections.append(("seed", f"ADVFAST_TEST_SEED={seed}"))
+    return report
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     """Every test gets fresh random inputs, reproducible from the seed printed on failure."""

@@ -157,7 +157,11 @@ def test_trades_kl_loss_matches_formula_and_is_attacked():
     torch.testing.assert_close(loss_fn(x_other).double(), expected, rtol=1e-5, atol=1e-6)
     assert loss_fn(x).abs() < 1e-5
     x_adv = pgd(loss_fn, x, 8 / 255, 2 / 255, steps=5, random_start=True)
-    assert loss_fn(x_adv) > 1e-4
+    # The KL of a tiny random model is small in absolute terms and varies with the seed, so the attack is
+    # judged against a random corner of the same ball: PGD must find a clearly worse point.
+    x_corner = (x + 8 / 255 * torch.randn_like(x).sign()).clamp(0, 1)
+    with torch.no_grad():
+        assert loss_fn(x_adv) > loss_fn(x_corner) > 0
 
 
 def test_ce_loss_passes_forward_kwargs():
