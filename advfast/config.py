@@ -67,6 +67,7 @@ class TrainConfig:
     precision: str = "auto"  # "auto" (bf16 on GPU, fp32 on CPU) | "fp32" | "bf16" | "fp16"
     channels_last: str = "auto"  # "auto" (on for GPU) | "on" | "off"
     compile: bool = False  # torch.compile the encoder (in place: checkpoint keys do not change)
+    cuda_graph_attack: bool = False  # capture each attack (start + all steps) as a CUDA graph and replay it
     sync_bn: bool = False  # torchrun on GPUs: SyncBatchNorm, each BN branch synchronised on its own
     compile_backend: str = "inductor"  # any torch.compile backend ("aot_eager" compiles fast, for tests)
     deterministic: bool = False
@@ -236,6 +237,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         check("max_steps", lambda v: v >= 1, "a positive integer")
     if not (cfg.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", cfg.device)):
         raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    if cfg.cuda_graph_attack and cfg.device == "cpu":
+        raise ValueError("cuda_graph_attack captures CUDA graphs and needs a CUDA device, got device cpu; "
+                         "leave it off on the CPU")
+    if cfg.cuda_graph_attack and cfg.compile:
+        raise ValueError("cuda_graph_attack and compile are not supported together (a compiled encoder "
+                         "inside a hand-captured graph is untested); choose one")
     return cfg
 
 

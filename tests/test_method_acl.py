@@ -8,7 +8,6 @@ import torch
 from advfast.data import Batch
 from advfast.engine import Trainer, build_config
 from advfast.methods import METHODS
-from advfast.methods import acl as acl_module
 from advfast.models import MultiBatchNorm1d, MultiBatchNorm2d
 from advfast.optim import LARS
 
@@ -142,12 +141,12 @@ def test_ds_loss_on_fixed_features_equals_the_official_formula(monkeypatch):
         calls.append((branch, method.training))
         return x.flatten(1) @ proj[branch]
 
-    def fake_attack(loss_fn, x, attack):
-        loss_fn(x)  # the closure the attack maximises
+    def fake_attack(site, make_loss, x, context=()):
+        make_loss(*context)(x)  # the closure the attack maximises
         return x_adv
 
     monkeypatch.setattr(method, "embed", fake_embed)
-    monkeypatch.setattr(acl_module, "run_attack", fake_attack)
+    monkeypatch.setattr(method, "run_attack", fake_attack)
     loss, metrics = method.training_step(Batch([x1, x2], torch.zeros(b, dtype=torch.long), torch.arange(b)))
 
     feat = {k: (lambda x, k=k: x.double().flatten(1) @ proj[k].double()) for k in proj}
@@ -170,7 +169,7 @@ def test_a2s_and_a2a_losses_follow_the_paper(monkeypatch):
         proj = {"normal": torch.randn(192, d), "pgd": torch.randn(192, d)}
         monkeypatch.setattr(method, "embed", lambda x, branch="normal", p=proj: x.flatten(1) @ p[branch])
         x_adv = torch.rand(b if variant == "a2s" else 2 * b, 3, 8, 8)
-        monkeypatch.setattr(acl_module, "run_attack", lambda fn, x, a, xa=x_adv: (fn(x), xa)[1])
+        monkeypatch.setattr(method, "run_attack", lambda site, make, x, ctx=(), xa=x_adv: (make(*ctx)(x), xa)[1])
         loss, _ = method.training_step(Batch([x1, x2], torch.zeros(b, dtype=torch.long), torch.arange(b)))
         f = {k: (lambda x, k=k: x.double().flatten(1) @ proj[k].double()) for k in proj}
         if variant == "a2s":  # adversarial view 1 on the pgd BN against clean view 2 on the normal BN

@@ -1,6 +1,8 @@
 """Adversarial attacks driven by loss closures (input-only gradients, fused projected steps)."""
 
 from advfast.attacks.losses import ce_loss, trades_kl_loss
-from advfast.attacks.pgd import GRADIENT_MODES, attack_gradients, fgsm, pgd
+from advfast.attacks.graphs import AttackGraphs
+from advfast.attacks.pgd import GRADIENT_MODES, attack_gradients, fgsm, from_config, pgd
 
-__all__ = ["pgd", "fgsm", "attack_gradients", "GRADIENT_MODES", "ce_loss", "trades_kl_loss"]
+__all__ = ["pgd", "fgsm", "from_config", "attack_gradients", "GRADIENT_MODES", "AttackGraphs", "ce_loss",
+           "trades_kl_loss"]

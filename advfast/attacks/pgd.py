@@ -16,6 +16,7 @@ as the engine's optimizer.zero_grad does). It exists to measure what input-only 
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Callable
 
 import torch
@@ -142,3 +143,20 @@ def fgsm(loss_fn: Callable[[torch.Tensor], torch.Tensor], x_nat: torch.Tensor, e
         alpha = eps
     return pgd(loss_fn, x_nat, eps, alpha, 1, norm=norm, random_start=random_start, lower=lower, upper=upper,
                generator=generator, backend=backend, gradients=gradients)
+
+
+def from_config(attack) -> Callable[[Callable[[torch.Tensor], torch.Tensor], torch.Tensor], torch.Tensor] | None:
+    """The attack an AttackConfig describes, as ``attack_fn(loss_fn, x_nat) -> x_adv``; None for kind "none".
+
+    fgsm honours ``attack.random_start``: False is Goodfellow's single step of size eps; True is the
+    random-start "fast" FGSM (step 1.25 eps).
+    """
+    if attack.kind == "none":
+        return None
+    if attack.kind == "pgd":
+        return functools.partial(pgd, eps=attack.eps, alpha=attack.alpha, steps=attack.steps,
+                                 norm=attack.norm, random_start=attack.random_start)
+    if attack.kind == "fgsm":
+        return functools.partial(fgsm, eps=attack.eps, norm=attack.norm, random_start=attack.random_start)
+    raise ValueError(f"attack.kind must be pgd, fgsm or none, got {attack.kind!r}")
+

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 import advfast
+from advfast.attacks import AttackGraphs
 from advfast.config import TrainConfig, closest, from_dict, to_dict, validate
 from advfast.engine import checkpoint as ckpt
 from advfast.engine import distributed
@@ -43,6 +44,16 @@ def method_class(name: str):
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}{closest(name, METHODS)}; choose from {', '.join(sorted(METHODS))}")
     return METHODS[name]
+
+
+def check_attack_graphs(device: torch.device, distributed_run: bool) -> None:
+    """cuda_graph_attack's preconditions, checked before anything is loaded."""
+    if device.type != "cuda":
+        raise ValueError(f"cuda_graph_attack captures CUDA graphs and needs a CUDA device, but this run is on "
+                         f"{device}; leave it off without a GPU")
+    if distributed_run:
+        raise ValueError("cuda_graph_attack is for single-process runs: under torchrun an attack's forward can run "
+                         "collectives (shuffle-BN, SyncBatchNorm) that a per-rank graph must not capture")
 
 
 def dataset_kwargs(cfg: TrainConfig) -> dict[str, Any]:
@@ -95,6 +106,8 @@ class Trainer:
         if device != self.precision.device:
             self.precision = dataclasses.replace(self.precision, device=device)
         self.device = self.precision.device
+        if cfg.cuda_graph_attack:
+            check_attack_graphs(self.device, self.dist.enabled)
         self._set_determinism()
 
         from advfast.data import DeviceLoader, build_augment, load_dataset
@@ -125,6 +138,8 @@ class Trainer:
         self.method = method
         if cfg.compile:
             self.method.encoder.compile(backend=cfg.compile_backend)
+        if cfg.cuda_graph_attack:
+            self.method.attack_graphs = AttackGraphs()
         if self.dist.enabled:  # same weights on every rank (seeded above), own attack randomness per rank
             torch.manual_seed(distributed.rank_seed(cfg.seed, self.dist.rank))
 

@@ -34,19 +34,8 @@ from typing import Any
 
 import torch
 
-from advfast import attacks
 from advfast.methods import register
 from advfast.methods.simclr import SimCLR, acl_code_preset
-
-
-def run_attack(loss_fn, x: torch.Tensor, attack) -> torch.Tensor:
-    """Adversarial copy of ``x`` maximising ``loss_fn`` under the AttackConfig ``attack``."""
-    if attack.kind == "none":
-        return x
-    if attack.kind == "fgsm":
-        return attacks.fgsm(loss_fn, x, attack.eps, norm=attack.norm, random_start=attack.random_start)
-    return attacks.pgd(loss_fn, x, attack.eps, attack.alpha, attack.steps, norm=attack.norm,
-                       random_start=attack.random_start)
 
 
 @register
@@ -81,17 +70,17 @@ class ACL(SimCLR):
         return acl_code_preset(dataset)
 
     # ---- attacks (model in eval mode, as the official PGD_contrastive) ------------------------------
-    def _attack(self, loss_fn, x: torch.Tensor) -> torch.Tensor:
+    def _attack(self, site: str, make_loss, x: torch.Tensor, context=()) -> torch.Tensor:
         was_training = self.training
         self.eval()
         try:
-            return run_attack(loss_fn, x, self.cfg.attack).detach()
+            return self.run_attack(site, make_loss, x, context).detach()
         finally:
             self.train(was_training)
 
     def attack_both(self, x: torch.Tensor) -> torch.Tensor:
         """Both views (stacked view-major in ``x``) attacked jointly on the adversarial branch."""
-        return self._attack(lambda xa: self.contrastive_loss(self.embed(xa, self.adv_branch)), x)
+        return self._attack("both", lambda: lambda xa: self.contrastive_loss(self.embed(xa, self.adv_branch)), x)
 
     def attack_first(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         """View 1 attacked against the fixed clean features of view 2 (A2S)."""
@@ -102,7 +91,8 @@ class ACL(SimCLR):
                 z2 = self.embed(x2, "normal")
         finally:
             self.train(was_training)
-        return self._attack(lambda xa: self.contrastive_loss(torch.cat([self.embed(xa, self.adv_branch), z2])), x1)
+        return self._attack("first", lambda z2: lambda xa: self.contrastive_loss(
+            torch.cat([self.embed(xa, self.adv_branch), z2])), x1, (z2,))
 
     # ---- the recipe ------------------------------------------------------------------------------
     def training_step(self, batch):

@@ -46,7 +46,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advfast import attacks
 from advfast.data import high_frequency
 from advfast.methods import register
 from advfast.methods.base import Method
@@ -200,37 +199,39 @@ class AdvCL(Method):
     # ---- attack ----------------------------------------------------------------------------------
     def attack(self, x1, x2, x_hfc, org, targets) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(x_cl, x_ce): PGD on the contrastive and the pseudo-label CE terms, from independent starts."""
-        a = self.cfg.attack
         b = org.shape[0]
         use_ce = bool(self.ks)
+        refresh = self.options.refresh_clean_views
         was_training = self.training
         self.train(self.options.attack_mode == "train")
         try:
-            def clean_views():
+            def clean_views(x1, x2, x_hfc):
                 return [self.embed(x1, "normal"), self.embed(x2, "normal"), self.embed(x_hfc, "normal")]
 
-            if not self.options.refresh_clean_views:
+            # per-batch tensors the loss reads go in through the context (static buffers under CUDA graphs):
+            # the three clean views (re-embedded at every step) or their fixed features, then the targets
+            if refresh:
+                views = (x1, x2, x_hfc)
+            else:
                 with torch.no_grad():
-                    fixed = clean_views()
+                    views = tuple(clean_views(x1, x2, x_hfc))
+            context = views + tuple(targets[k] for k in self.ks) if use_ce else views
 
-            def loss_fn(x):
-                x_cl = x[:b]
-                z_cl = self.embed(x_cl, "pgd")
-                rest = clean_views() if self.options.refresh_clean_views else fixed
-                loss = self.contrastive_loss([z_cl] + rest)
-                if use_ce:  # official: summed CE per head, summed over heads / number of heads
-                    loss = loss + self.options.ce_weight * self.cluster_ce(self.backbone(x[b:], "pgd_ce"),
-                                                                           targets, "sum")
-                return loss
+            def make_loss(*ctx):
+                ctx_views, ctx_targets = ctx[:3], dict(zip(self.ks, ctx[3:]))
+
+                def loss_fn(x):
+                    z_cl = self.embed(x[:b], "pgd")
+                    rest = clean_views(*ctx_views) if refresh else list(ctx_views)
+                    loss = self.contrastive_loss([z_cl] + rest)
+                    if use_ce:  # official: summed CE per head, summed over heads / number of heads
+                        loss = loss + self.options.ce_weight * self.cluster_ce(self.backbone(x[b:], "pgd_ce"),
+                                                                               ctx_targets, "sum")
+                    return loss
+                return loss_fn
 
             x_nat = torch.cat([org, org]) if use_ce else org
-            if a.kind == "none":
-                x_adv = x_nat
-            elif a.kind == "fgsm":
-                x_adv = attacks.fgsm(loss_fn, x_nat, a.eps, norm=a.norm, random_start=a.random_start)
-            else:
-                x_adv = attacks.pgd(loss_fn, x_nat, a.eps, a.alpha, a.steps, norm=a.norm,
-                                    random_start=a.random_start)
+            x_adv = self.run_attack("attack", make_loss, x_nat, context)
         finally:
             self.train(was_training)
         x_adv = x_adv.detach()

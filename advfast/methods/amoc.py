@@ -46,7 +46,7 @@ from advfast.ops.contrastive import info_nce
 from advfast.losses import MemoryBank
 from advfast.methods import register
 from advfast.methods.base import Method
-from advfast.methods.momentum import MomentumEncoder, run_attack
+from advfast.methods.momentum import MomentumEncoder
 from advfast.models import build_encoder, build_head
 
 CLEAN, ADV = "clean", "adv"
@@ -154,7 +154,7 @@ class AMOC(Method):
         was_training = self.training
         self.eval()
         try:
-            x_adv = run_attack(self.cfg.attack, self.attack_objective, torch.cat([x_q, x_k]))
+            x_adv = self.run_attack("attack", lambda: self.attack_objective, torch.cat([x_q, x_k]))
         finally:
             self.train(was_training)
         return x_adv.chunk(2)

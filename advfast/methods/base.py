@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from advfast import attacks
 from advfast.config import TrainConfig, closest, coerce, field_names
 
 
@@ -27,6 +28,7 @@ class Method(nn.Module):
     variants: ClassVar[tuple[str, ...]] = ()
     default_variant: ClassVar[str | None] = None
     augment_preset: ClassVar[str] = "simclr"  # the data preset that produces this method's views
+    attack_graphs: attacks.AttackGraphs | None = None  # set by the engine under cuda_graph_attack
 
     @dataclasses.dataclass
     class Options:  # method-specific knobs; subclasses replace this dataclass
@@ -81,6 +83,21 @@ class Method(nn.Module):
     # ---- the recipe ----------------------------------------------------------------------------
     def training_step(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
+
+    def run_attack(self, site: str, make_loss, x_nat: torch.Tensor, context=()) -> torch.Tensor:
+        """The configured attack (``cfg.attack``) maximising ``make_loss(*context)`` around ``x_nat``.
+
+        ``site`` names the call site; ``context`` holds every per-batch tensor the loss reads besides its
+        input (the other view, fixed features, targets), so that under ``cuda_graph_attack`` the captured
+        graph reads them from static buffers refreshed on every call (see advfast.attacks.graphs). The
+        model's mode and BN branch are the caller's business, as for any attack.
+        """
+        attack_fn = attacks.from_config(self.cfg.attack)
+        if attack_fn is None:
+            return x_nat
+        if self.attack_graphs is None:
+            return attack_fn(make_loss(*context), x_nat)
+        return self.attack_graphs.run(f"{self.name}.{site}", attack_fn, make_loss, x_nat, context)
 
     def after_optimizer_step(self) -> None:
         """Momentum encoders, queues and anything else updated after the weights change."""

@@ -31,7 +31,6 @@ import torch
 
 from advfast.methods import register
 from advfast.methods.moco import MoCo
-from advfast.methods.momentum import run_attack
 
 
 @register
@@ -79,7 +78,7 @@ class MoCoAdv(MoCo):
         was_training = self.training
         self.train(self.options.attack_train_mode and was_training)
         try:
-            return run_attack(self.cfg.attack, lambda x: self.attack_objective(x, k), x_q)
+            return self.run_attack("attack", lambda k: lambda x: self.attack_objective(x, k), x_q, (k,))
         finally:
             self.train(was_training)
 

@@ -17,7 +17,6 @@ Under torchrun the key forward in train mode uses shuffle-BN (``engine.distribut
 as the official MoCo's ``_batch_shuffle_ddp``): each rank encodes a random slice of the global key
 batch. In one process (or in eval mode, e.g. inside an attack) it is the plain forward.
 
-``run_attack``: the AttackConfig (pgd | fgsm) applied to a loss closure.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ import copy
 import torch
 from torch import nn
 
-from advfast import attacks
 from advfast.engine.distributed import shuffled_forward
 from advfast.ops.ema import ema_update_
 
@@ -72,16 +70,3 @@ class MomentumEncoder(nn.Module):
         src = [p.detach() for _, p in src_named]
         ema_update_(ema, src, self.momentum, backend=self.backend)
 
-
-def run_attack(attack, loss_fn, x: torch.Tensor) -> torch.Tensor:
-    """Adversarial copy of ``x`` maximising ``loss_fn`` under the AttackConfig ``attack``.
-
-    fgsm honours ``attack.random_start``: False is Goodfellow's single step of size eps (the
-    moco-adv paper's eq. 7); True is the random-start "fast" FGSM (step alpha, default 1.25 eps).
-    """
-    if attack.kind == "pgd":
-        return attacks.pgd(loss_fn, x, attack.eps, attack.alpha, attack.steps, norm=attack.norm,
-                           random_start=attack.random_start)
-    if attack.kind == "fgsm":
-        return attacks.fgsm(loss_fn, x, attack.eps, norm=attack.norm, random_start=attack.random_start)
-    raise ValueError(f"attack.kind must be pgd or fgsm for an adversarial method, got {attack.kind!r}")

@@ -34,7 +34,6 @@ from typing import Any
 
 import torch
 
-from advfast import attacks
 from advfast.losses.rocl import rocl_nt_xent
 from advfast.methods import register
 from advfast.methods.base import Method
@@ -121,20 +120,16 @@ class RoCL(Method):
 
     def attack(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         """Instance-wise attack on t1 with t2 as the positive, model and projector in eval mode."""
-        a = self.cfg.attack
-        if a.kind == "none":
-            return x1
         was_training = self.training
         self.eval()
         try:
-            def loss_fn(x):  # eval mode: one forward, then the groups (features do not depend on the batch)
-                z = self.project(torch.cat([x, x2]))
-                return self.pair_loss(z[:x.shape[0]], z[x.shape[0]:])
+            def make_loss(x2):
+                def loss_fn(x):  # eval mode: one forward, then the groups (features do not depend on the batch)
+                    z = self.project(torch.cat([x, x2]))
+                    return self.pair_loss(z[:x.shape[0]], z[x.shape[0]:])
+                return loss_fn
 
-            if a.kind == "fgsm":
-                x_adv = attacks.fgsm(loss_fn, x1, a.eps, norm=a.norm, random_start=a.random_start)
-            else:
-                x_adv = attacks.pgd(loss_fn, x1, a.eps, a.alpha, a.steps, norm=a.norm, random_start=a.random_start)
+            x_adv = self.run_attack("attack", make_loss, x1, (x2,))
         finally:
             self.train(was_training)
         return x_adv.detach()
