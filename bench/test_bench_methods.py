@@ -37,13 +37,13 @@ def method_sizes(device):
     return sizes
 
 
-@pytest.mark.parametrize("config", ["eager", "fast", *ABLATION])
+@pytest.mark.parametrize("config", ["eager", "fast", *ABLATION, "fast-graphs"])
 @pytest.mark.parametrize("method", METHOD_NAMES)
 def test_method_throughput(benchmark, device, on_gpu, method_sizes, method, config):
     if config in ABLATION and not on_gpu and method != "acl":
         pytest.skip("on a CPU the ablation runs for acl only (tiny sizes say nothing about speed)")
     if same_as_fast(config, device):
-        pytest.skip(f"{config} is the same as fast on {device.type} (compile runs on CUDA only)")
+        pytest.skip(f"{config} is the same as fast on {device.type} (compile and CUDA graphs run on CUDA only)")
     sizes = method_sizes
     benchmark.group = f"method {method}"
     with session(method, CONFIGS[config], sizes, device) as s:

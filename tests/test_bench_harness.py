@@ -62,10 +62,15 @@ def test_iteration_flops_follow_the_pass_model(method):
 
 def test_configs_and_expansion():
     assert EAGER == CONFIGS["eager"] and FAST == CONFIGS["fast"]
-    assert not any(EAGER.as_dict().values()) and all(FAST.as_dict().values())
+    fast = FAST.as_dict()
+    assert not any(EAGER.as_dict().values())
+    assert fast.pop("cuda_graph_attack") is False and all(fast.values())  # graphs exclude compile: own row
     for name in OPTIMISATIONS:
         row = CONFIGS[f"fast-no-{name}"].as_dict()
-        assert row[name] is False and sum(not v for v in row.values()) == 1
+        assert row[name] is False and [k for k in row if row[k] != FAST.as_dict()[k]] == [name]
+    graphs = CONFIGS["fast-graphs"].as_dict()
+    assert [k for k in graphs if graphs[k] != FAST.as_dict()[k]] == ["compile", "cuda_graph_attack"]
+    assert same_as_fast("fast-graphs", torch.device("cpu")) and not same_as_fast("fast-graphs", torch.device("cuda"))
     assert expand_configs("eager, fast,ablation,fast") == ["eager", "fast", *ABLATION]
     with pytest.raises(ValueError, match="unknown config 'fsat'.*did you mean 'fast'"):
         expand_configs("eager,fsat")

@@ -26,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=",".join(METHOD_NAMES),
                    help=f"comma-separated methods (default: all of {','.join(METHOD_NAMES)})")
     p.add_argument("--configs", default="eager,fast",
-                   help="comma-separated configs: eager, fast, ablation (= " + ",".join(ABLATION) + ") or any of those")
+                   help="comma-separated configs: eager, fast, ablation (= " + ",".join(ABLATION) + "), "
+                        "fast-graphs (fast with CUDA-graph attacks instead of compile) or any of those")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the results as JSON to FILE")
     p.add_argument("--markdown", metavar="FILE", default=None, help="also write the table to FILE")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")

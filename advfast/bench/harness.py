@@ -112,6 +112,7 @@ def bench_config(method: str, switches: Switches, sizes: Sizes, device: torch.de
     cfg.precision = "bf16" if switches.bf16 else "fp32"
     cfg.channels_last = "on" if switches.channels_last else "off"
     cfg.compile = switches.compile
+    cfg.cuda_graph_attack = switches.cuda_graph_attack
     cfg.augment_backend = "torch" if switches.gpu_augment else "torchvision"
     cfg.out = str(workdir / "run")
     cfg.progress = False
@@ -303,7 +304,7 @@ def run_all(methods, configs, sizes: Sizes, device: torch.device, log=print) -> 
         for config in configs:
             if same_as_fast(config, device):
                 skipped.append({"method": method, "config": config,
-                                "reason": f"identical to fast on {device.type} (compile runs on CUDA only)"})
+                                "reason": f"identical to fast on {device.type} (compile and CUDA graphs run on CUDA only)"})
                 continue
             row = measure(method, config, sizes, device, flops, rate["flops_per_s"])
             rows.append(row)
