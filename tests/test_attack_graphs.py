@@ -129,6 +129,19 @@ def test_bad_input_is_one_clear_error():
     assert from_config(AttackConfig(kind="none")) is None
 
 
+def test_a_failed_capture_says_what_to_do():
+    class Failing(EagerCapture):
+        def capture(self, fn):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    graphs = AttackGraphs(warmup_calls=1, capture=Failing())
+    x, y = torch.rand(2, 3, 8, 8), torch.randint(0, 4, (2,))
+    graphs.run("acl.both", from_config(PGD), _make_loss(_model()), x, (y,))
+    with pytest.raises(RuntimeError, match="'acl.both' as a CUDA graph failed.*without cuda_graph_attack"):
+        graphs.run("acl.both", from_config(PGD), _make_loss(_model()), x, (y,))
+    assert len(graphs) == 0
+
+
 def test_the_engine_refuses_it_without_a_gpu_or_under_torchrun():
     with pytest.raises(ValueError, match="needs a CUDA device"):
         check_attack_graphs(torch.device("cpu"), False)

@@ -57,7 +57,9 @@ class CUDAGraphCapture:
     def capture(self, fn: Callable[[], torch.Tensor]) -> tuple[object, torch.Tensor, bool]:
         """(graph, static output, whether fn already ran for this call): capturing records, it does not run."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), _autocast_without_cache("cuda"):
+        # thread_local (as torch's own cudagraph trees): only this thread may not make capture-unsafe calls,
+        # so other threads' CUDA work (a data pipeline's, a watchdog's) cannot invalidate the capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"), _autocast_without_cache("cuda"):
             out = fn()
         return graph, out, False
 
@@ -145,7 +147,12 @@ class AttackGraphs:
             entry.x_nat = _static_copy(x_nat)
             entry.context = tuple(_static_copy(c) for c in context)
             static_x, static_ctx = entry.x_nat, entry.context
-            entry.graph, entry.out, ran = self.backend.capture(lambda: attack_fn(make_loss(*static_ctx), static_x))
+            try:
+                entry.graph, entry.out, ran = self.backend.capture(lambda: attack_fn(make_loss(*static_ctx), static_x))
+            except RuntimeError as e:  # an op that cannot be captured (a host sync, an unsupported call)
+                self._entries.pop(key, None)
+                raise RuntimeError(f"capturing the attack at {site!r} as a CUDA graph failed ({e}); train without "
+                                   "cuda_graph_attack, or remove the host synchronisation from the attack's loss") from e
             self.captures += 1
         if not ran:
             entry.x_nat.copy_(x_nat)
