@@ -33,9 +33,13 @@ bool is_supported_float(at::ScalarType t) {
 }
 
 void check_per_sample(const char* name, const at::Tensor& v, const at::Tensor& x_adv) {
-  TORCH_CHECK_TYPE(v.scalar_type() == at::kFloat, "pgd_step_: ", name,
-                   " must be a float32 tensor of shape (B,), got dtype ", dtype_name(v.scalar_type()),
-                   "; pass torch.full((B,), value, dtype=torch.float32)");
+  // radii come in the kernels' compute dtype: float64 for float64 images, float32 otherwise (half
+  // images are computed in float32), so 8/255 is not rounded to float32 for a float64 x_adv
+  const at::ScalarType want = x_adv.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK_TYPE(v.scalar_type() == want, "pgd_step_: ", name, " must be a ", dtype_name(want),
+                   " tensor of shape (B,) for ", dtype_name(x_adv.scalar_type()), " x_adv, got dtype ",
+                   dtype_name(v.scalar_type()), "; pass torch.full((B,), value, dtype=",
+                   dtype_name(want), ")");
   TORCH_CHECK_VALUE(v.dim() == 1 && v.size(0) == x_adv.size(0), "pgd_step_: ", name,
                     " must have shape (B,) = (", x_adv.size(0), ",) to match x_adv, got ",
                     shape_str(v.sizes()));

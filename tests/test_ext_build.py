@@ -51,8 +51,9 @@ def make_pgd_inputs(shape, x_dtype=torch.float32, g_dtype=torch.float32, channel
                     zero_grad_rows=()):
     b = shape[0]
     x_nat = torch.rand(shape, dtype=torch.float64)
-    eps = torch.rand(b, dtype=torch.float32) * 0.1 + 0.01
-    alpha = eps * torch.rand(b, dtype=torch.float32)
+    r_dtype = torch.float64 if x_dtype == torch.float64 else torch.float32  # radii in the compute dtype
+    eps = torch.rand(b, dtype=r_dtype) * 0.1 + 0.01
+    alpha = eps * torch.rand(b, dtype=r_dtype)
     # start inside, on and outside the ball so both projection branches run
     x_adv = (x_nat + 0.15 * (torch.rand(shape, dtype=torch.float64) * 2 - 1)).clamp(0, 1)
     grad = torch.randn(shape, dtype=torch.float64)
@@ -223,7 +224,7 @@ def _good():
     (0, torch.zeros(2, 3, dtype=torch.int64), TypeError, "x_adv must be float32"),
     (2, torch.zeros(2, 3, dtype=torch.int32), TypeError, "grad must be float32"),
     (3, torch.full((3,), 0.1), ValueError, r"eps must have shape \(B,\)"),
-    (4, torch.full((2,), 1, dtype=torch.float64), TypeError, "alpha must be a float32"),
+    (4, torch.full((2,), 1, dtype=torch.float64), TypeError, "alpha must be a torch.float32"),
     (5, 2, ValueError, "norm must be 0"),
     (7, -1.0, ValueError, "lower must be <= upper"),
 ])
@@ -232,6 +233,14 @@ def test_pgd_step_rejects_bad_arguments(index, value, exc, match):
     args[index] = value
     with pytest.raises(exc, match=match):
         ops().pgd_step_(*args)
+
+
+def test_pgd_step_radii_come_in_the_compute_dtype():
+    x = [torch.rand(2, 3, dtype=torch.float64), torch.rand(2, 3, dtype=torch.float64), torch.randn(2, 3)]
+    with pytest.raises(TypeError, match=r"eps must be a torch.float64 tensor of shape \(B,\) for torch.float64 x_adv"):
+        ops().pgd_step_(*x, torch.full((2,), 0.1), torch.full((2,), 0.01), 0, 0.0, 1.0)
+    ops().pgd_step_(*x, torch.full((2,), 0.1, dtype=torch.float64), torch.full((2,), 0.01, dtype=torch.float64),
+                    0, 0.0, 1.0)
 
 
 def test_pgd_step_rejects_zero_dim_and_meta_mismatch():

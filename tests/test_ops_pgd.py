@@ -136,8 +136,6 @@ def test_hand_computed_steps(backend):
 def test_float64_with_float_radii_keeps_float64_accuracy(backend, norm):
     """Python-float eps/alpha (8/255 is not a float32 number) must not be rounded to float32."""
     need(backend)
-    if backend in ("cpp", "cuda"):
-        pytest.xfail("the compiled op's schema takes float32 eps/alpha tensors (csrc/registration.cpp)")
     x_adv, x_nat, grad, _, _ = make_inputs((3, 3, 9, 11), norm, per_sample=False, x_dtype=torch.float64,
                                            g_dtype=torch.float64)
     eps, alpha = (8 / 255, 2 / 255) if norm == "linf" else (0.5, 0.3)

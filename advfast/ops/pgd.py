@@ -156,20 +156,23 @@ def pgd_step_reference(x_adv: torch.Tensor, x_nat: torch.Tensor, grad: torch.Ten
 # ---------------------------------------------------------------------------------------- backends
 
 @functools.lru_cache(maxsize=64)
-def _filled(value: float, n: int, device: torch.device) -> torch.Tensor:
-    # Python floats expanded for the compiled ops' (B,) float32 arguments; cached so a fixed eps/alpha
+def _filled(value: float, n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    # Python floats expanded for the compiled ops' (B,) arguments; cached so a fixed eps/alpha
     # costs no fill kernel per step. Never written to.
-    return torch.full((n,), value, dtype=torch.float32, device=device)
+    return torch.full((n,), value, dtype=dtype, device=device)
 
 
-def _as_f32_vector(value: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _as_radius_vector(value: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """eps/alpha as the compiled ops take them: shape (B,), in the compute dtype (float64 for float64 x,
+    float32 otherwise), so a float64 step is not limited by a float32 radius."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     if isinstance(value, torch.Tensor):
-        return value.to(torch.float32).expand(x.shape[0]).contiguous()
+        return value.to(dtype).expand(x.shape[0]).contiguous()
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
         # a fill captured into a CUDA graph runs only at replay: a cached tensor would hold garbage
         # for eager calls until then, so inside a capture the vector is never cached
-        return torch.full((x.shape[0],), value, dtype=torch.float32, device=x.device)
-    return _filled(value, x.shape[0], x.device)
+        return torch.full((x.shape[0],), value, dtype=dtype, device=x.device)
+    return _filled(value, x.shape[0], x.device, dtype)
 
 
 def _run(backend: str, out: torch.Tensor, x_adv, x_nat, grad, eps, alpha, norm_id, lower, upper):
@@ -177,8 +180,8 @@ def _run(backend: str, out: torch.Tensor, x_adv, x_nat, grad, eps, alpha, norm_i
     if backend in ("cuda", "cpp"):
         if out is not x_adv:
             out.copy_(x_adv)
-        torch.ops.advfast.pgd_step_(out, x_nat, grad, _as_f32_vector(eps, x_adv),
-                                    _as_f32_vector(alpha, x_adv), norm_id, lower, upper)
+        torch.ops.advfast.pgd_step_(out, x_nat, grad, _as_radius_vector(eps, x_adv),
+                                    _as_radius_vector(alpha, x_adv), norm_id, lower, upper)
     elif backend == "triton":
         from advfast.kernels import pgd_step as kernels
 

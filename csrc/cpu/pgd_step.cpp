@@ -116,7 +116,8 @@ void apply_span(x_t* xa, const x_t* xn, const g_t* g, int64_t n, double p0, doub
 }
 
 template <typename x_t, typename g_t>
-void pgd_step_kernel(x_t* xa, const x_t* xn, const g_t* g, const float* eps, const float* alpha,
+void pgd_step_kernel(x_t* xa, const x_t* xn, const g_t* g, const at::opmath_type<x_t>* eps,
+                     const at::opmath_type<x_t>* alpha,
                      int64_t batch, int64_t sample, bool l2, double lower, double upper) {
   const int64_t spans = (sample + kSpan - 1) / kSpan;  // units per sample
   const int64_t units = batch * spans;
@@ -183,7 +184,8 @@ void pgd_step_kernel(x_t* xa, const x_t* xn, const g_t* g, const float* eps, con
 
 template <typename x_t>
 void dispatch_grad(const at::Tensor& xa, const at::Tensor& xn, const at::Tensor& g,
-                   const float* eps, const float* alpha, bool l2, double lower, double upper) {
+                   const at::opmath_type<x_t>* eps, const at::opmath_type<x_t>* alpha, bool l2, double lower,
+                   double upper) {
   const int64_t batch = xa.size(0);
   const int64_t sample = xa.numel() / batch;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "pgd_step_cpu_grad", [&] {
@@ -214,7 +216,8 @@ void pgd_step_cpu(const at::Tensor& x_adv, const at::Tensor& x_nat, const at::Te
     g = grad.contiguous(fmt);
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, xa.scalar_type(), "pgd_step_cpu", [&] {
-    dispatch_grad<scalar_t>(xa, xn, g, eps_c.const_data_ptr<float>(), alpha_c.const_data_ptr<float>(),
+    using r_t = at::opmath_type<scalar_t>;  // the radius dtype check_pgd_step_args enforced
+    dispatch_grad<scalar_t>(xa, xn, g, eps_c.const_data_ptr<r_t>(), alpha_c.const_data_ptr<r_t>(),
                             norm == kNormL2, lower, upper);
   });
   if (!xa.is_same(x_adv)) x_adv.copy_(xa);

@@ -53,7 +53,8 @@ __device__ __forceinline__ int64_t sample_of(int64_t e, int64_t sample, bool sma
 
 template <typename x_t, typename g_t, int VEC>
 __global__ void __launch_bounds__(kThreads)
-    pgd_linf_kernel(x_t* xa, const x_t* xn, const g_t* g, const float* eps, const float* alpha,
+    pgd_linf_kernel(x_t* xa, const x_t* xn, const g_t* g, const at::opmath_type<x_t>* eps,
+                    const at::opmath_type<x_t>* alpha,
                     int64_t sample, int64_t packs, bool small, at::opmath_type<x_t> lo,
                     at::opmath_type<x_t> hi) {
   using op_t = at::opmath_type<x_t>;
@@ -130,7 +131,8 @@ __global__ void __launch_bounds__(kThreads)
 // its sample's sums itself; otherwise it adds the sample's partials from pgd_l2_partial_kernel.
 template <typename x_t, typename g_t, int VEC, bool FUSED>
 __global__ void __launch_bounds__(kThreads)
-    pgd_l2_apply_kernel(x_t* xa, const x_t* xn, const g_t* g, const float* eps, const float* alpha,
+    pgd_l2_apply_kernel(x_t* xa, const x_t* xn, const g_t* g, const at::opmath_type<x_t>* eps,
+                        const at::opmath_type<x_t>* alpha,
                         int64_t sample, int64_t chunks, int64_t chunk_len,
                         const at::opmath_type<x_t>* partial, at::opmath_type<x_t> lo,
                         at::opmath_type<x_t> hi) {
@@ -183,7 +185,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename x_t, typename g_t, int VEC>
-void launch(x_t* xa, const x_t* xn, const g_t* g, const float* eps, const float* alpha,
+void launch(x_t* xa, const x_t* xn, const g_t* g, const at::opmath_type<x_t>* eps,
+            const at::opmath_type<x_t>* alpha,
             int64_t batch, int64_t sample, bool l2, double lower, double upper,
             const at::TensorOptions& opts) {
   using op_t = at::opmath_type<x_t>;
@@ -236,8 +239,9 @@ void run(const at::Tensor& xa, const at::Tensor& xn, const at::Tensor& g, const 
   const bool vec = sample % kVec == 0 && is_aligned(pa, sizeof(Pack<x_t, kVec>)) &&
                    is_aligned(pn, sizeof(Pack<x_t, kVec>)) &&
                    is_aligned(pg, sizeof(Pack<g_t, kVec>));
-  const float* pe = eps.const_data_ptr<float>();
-  const float* pal = alpha.const_data_ptr<float>();
+  using r_t = at::opmath_type<x_t>;  // the radius dtype check_pgd_step_args enforced
+  const r_t* pe = eps.const_data_ptr<r_t>();
+  const r_t* pal = alpha.const_data_ptr<r_t>();
   if (vec)
     launch<x_t, g_t, kVec>(pa, pn, pg, pe, pal, batch, sample, l2, lower, upper, xa.options());
   else
