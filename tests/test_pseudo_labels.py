@@ -182,5 +182,5 @@ def test_encoder_labels_cache_follows_the_encoder_hash(tmp_path, capsys):
 
 
 def test_encoder_dir_must_hold_an_export(tmp_path):
-    with pytest.raises(ValueError, match="must be a run dir holding encoder.safetensors"):
+    with pytest.raises(FileNotFoundError, match="holds no encoder.json"):
         pl.build_pseudo_labels(_fake_dataset(), tmp_path / "l.safetensors", encoder=tmp_path, ks=[2])

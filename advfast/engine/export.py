@@ -52,14 +52,9 @@ def export_encoder(method, cfg, out: Path, step: int, image_size: int) -> Path:
     return out / "encoder.safetensors"
 
 
-def load_encoder(path, branch: str | None = None):
-    """(encoder in eval mode on the CPU, metadata) from a run directory, or a file inside it, written by
-    export_encoder. ``branch`` picks a BN branch (default: the method's evaluation branch). Never unpickles."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    from advfast.models import build_encoder
-
+def encoder_files(path, branch: str | None = None) -> tuple[Path, dict, Path]:
+    """(weights file of ``branch``, encoder.json metadata, run directory) of an export, checked but not
+    loaded; ``path`` is a run directory or a file inside it, ``branch`` defaults to the evaluation branch."""
     run = Path(path)
     if run.is_file():
         run = run.parent
@@ -80,6 +75,21 @@ def load_encoder(path, branch: str | None = None):
     if branch not in available:
         raise ValueError(f"BN branch {branch!r}: the encoder of {run} has the branches {', '.join(available)}")
     weights = run / branch_file(branch, meta["bn_branch"])
+    if not weights.is_file():
+        raise FileNotFoundError(f"{run} lists BN branch {branch!r} but holds no {weights.name}")
+    return weights, dict(meta, bn_branch=branch), run
+
+
+def load_encoder(path, branch: str | None = None):
+    """(encoder in eval mode on the CPU, metadata) from a run directory, or a file inside it, written by
+    export_encoder. ``branch`` picks a BN branch (default: the method's evaluation branch). Never unpickles."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from advfast.models import build_encoder
+
+    weights, meta, run = encoder_files(path, branch)
+    branch = meta["bn_branch"]
     try:
         state = load_file(str(weights))
     except (OSError, SafetensorError) as exc:

@@ -156,7 +156,9 @@ class AdvCL(Method):
                             else pl.kmeans_sklearn(feats, k, seed=o.kmeans_seed)).labels.cpu() for k in self.ks}
             return pl.build_pseudo_labels(dataset, o.pseudo_labels, source="raw_pixels", ks=self.ks,
                                           seed=o.kmeans_seed, kmeans_backend=o.kmeans_backend)
-        enc_weights, _ = pl.resolve_encoder_files(o.pseudo_labels_from)
+        from advfast.engine.export import encoder_files
+
+        enc_weights = encoder_files(o.pseudo_labels_from)[0]
         cache = o.pseudo_labels or str(enc_weights.parent / f"pseudo_labels_{cfg.dataset}.safetensors")
         return pl.build_pseudo_labels(dataset, cache, encoder=o.pseudo_labels_from, source="encoder", ks=self.ks,
                                       seed=o.kmeans_seed, kmeans_backend=o.kmeans_backend)

@@ -145,17 +145,6 @@ def kmeans_sklearn(x: torch.Tensor, k: int, *, seed: int = 0, max_iter: int = 30
 
 
 # ---- features ------------------------------------------------------------------------------------
-def resolve_encoder_files(run_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """(encoder.safetensors, encoder.json) of a run dir (or of the dir holding a given file)."""
-    p = Path(run_dir)
-    d = p.parent if p.is_file() else p
-    weights, meta = d / "encoder.safetensors", d / "encoder.json"
-    if not weights.is_file() or not meta.is_file():
-        raise ValueError(f"encoder {str(run_dir)!r} must be a run dir holding encoder.safetensors and "
-                         "encoder.json (written by advfast-train at the end of a run)")
-    return weights, meta
-
-
 def load_encoder(run_dir: str | os.PathLike, device="cpu") -> torch.nn.Module:
     """The exported encoder of a run (its evaluation branch), in eval mode on ``device``."""
     from advfast.engine.export import load_encoder as load_exported
@@ -226,7 +215,12 @@ def build_pseudo_labels(dataset, out: str | os.PathLike, *, encoder: str | os.Pa
                          "(or use source='raw_pixels' for the digits demo)")
     ks = _check_ks(ks, len(dataset.labels))
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    enc_sha = file_sha256(resolve_encoder_files(encoder)[0]) if source == "encoder" else None
+    if source == "encoder":
+        from advfast.engine.export import encoder_files
+
+        enc_sha = file_sha256(encoder_files(encoder)[0])
+    else:
+        enc_sha = None
     meta = {"format": FORMAT, "source": source, "encoder_sha256": enc_sha,
             "encoder": str(encoder) if encoder is not None else None, "dataset": dataset.name,
             "num_images": int(len(dataset.labels)), "image_size": list(dataset.images.shape[-2:]),
