@@ -2,6 +2,8 @@
 // with the same one-line message (ValueError for shapes/devices/values, TypeError for dtypes).
 #include "ops.h"
 
+#include <ATen/OpMathType.h>
+
 #include <sstream>
 
 namespace advfast {
@@ -33,9 +35,9 @@ bool is_supported_float(at::ScalarType t) {
 }
 
 void check_per_sample(const char* name, const at::Tensor& v, const at::Tensor& x_adv) {
-  // radii come in the kernels' compute dtype: float64 for float64 images, float32 otherwise (half
-  // images are computed in float32), so 8/255 is not rounded to float32 for a float64 x_adv
-  const at::ScalarType want = x_adv.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  // radii come in the kernels' compute dtype (at::opmath_type of x: float64 for float64 images,
+  // float32 otherwise), so 8/255 is not rounded to float32 for a float64 x_adv
+  const at::ScalarType want = at::toOpMathType(x_adv.scalar_type());
   TORCH_CHECK_TYPE(v.scalar_type() == want, "pgd_step_: ", name, " must be a ", dtype_name(want),
                    " tensor of shape (B,) for ", dtype_name(x_adv.scalar_type()), " x_adv, got dtype ",
                    dtype_name(v.scalar_type()), "; pass torch.full((B,), value, dtype=",

@@ -159,4 +159,3 @@ def from_config(attack) -> Callable[[Callable[[torch.Tensor], torch.Tensor], tor
     if attack.kind == "fgsm":
         return functools.partial(fgsm, eps=attack.eps, norm=attack.norm, random_start=attack.random_start)
     raise ValueError(f"attack.kind must be pgd, fgsm or none, got {attack.kind!r}")
-

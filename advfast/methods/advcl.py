@@ -217,7 +217,7 @@ class AdvCL(Method):
             else:
                 with torch.no_grad():
                     views = tuple(clean_views(x1, x2, x_hfc))
-            context = views + tuple(targets[k] for k in self.ks) if use_ce else views
+            context = views + tuple(targets[k] for k in self.ks)  # no targets without pseudo-label heads
 
             def make_loss(*ctx):
                 ctx_views, ctx_targets = ctx[:3], dict(zip(self.ks, ctx[3:]))

@@ -16,7 +16,6 @@ train mode, exactly as MoCo (facebookresearch/moco ``_momentum_update_key_encode
 Under torchrun the key forward in train mode uses shuffle-BN (``engine.distributed.shuffled_forward``,
 as the official MoCo's ``_batch_shuffle_ddp``): each rank encodes a random slice of the global key
 batch. In one process (or in eval mode, e.g. inside an attack) it is the plain forward.
-
 """
 
 from __future__ import annotations

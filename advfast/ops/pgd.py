@@ -165,7 +165,7 @@ def _filled(value: float, n: int, device: torch.device, dtype: torch.dtype) -> t
 def _as_radius_vector(value: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """eps/alpha as the compiled ops take them: shape (B,), in the compute dtype (float64 for float64 x,
     float32 otherwise), so a float64 step is not limited by a float32 radius."""
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dtype = _compute_dtype(x.dtype)
     if isinstance(value, torch.Tensor):
         return value.to(dtype).expand(x.shape[0]).contiguous()
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
