@@ -133,7 +133,18 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
 
 
 def prune(ckpt_dir: Path, keep_last: int) -> None:
-    for json_path in list_checkpoints(ckpt_dir)[:-keep_last]:
+    """Keep the newest ``keep_last`` checkpoints that verify whole (sidecar + SHA-256) and everything
+    newer than the oldest of them; a damaged checkpoint never counts as kept, so the last good one stays."""
+    good = 0
+    listed = list_checkpoints(ckpt_dir)
+    cut = 0
+    for i in range(len(listed) - 1, -1, -1):
+        if verify_checkpoint(listed[i]) is None:
+            good += 1
+            if good == keep_last:
+                cut = i
+                break
+    for json_path in listed[:cut]:
         _unlink(json_path)  # the JSON first: a half-pruned checkpoint is never mistaken for a whole one
         _unlink(json_path.with_suffix(".safetensors"))
     for tmp in Path(ckpt_dir).glob(".*.tmp"):  # leftovers of writes killed midway
@@ -144,18 +155,83 @@ def prune(ckpt_dir: Path, keep_last: int) -> None:
             _unlink(tensors)
 
 
-def load_checkpoint(json_path: Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
-    """Read one checkpoint, verifying it whole. Returns (meta, {"model": ..., "optimizer": ..., "rng": ...});
-    raises CheckpointError naming the file when it is truncated, altered or not an advfast checkpoint."""
+# (path, size, mtime_ns) -> sha256 of tensor files this process has hashed: pruning re-verifies the
+# kept checkpoints at every save, and an unchanged file need not be read again
+_HASHED: dict[tuple[str, int, int], str] = {}
+
+
+def _sha256_cached(path: Path) -> str:
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _HASHED:
+        if len(_HASHED) > 256:
+            _HASHED.clear()
+        _HASHED[key] = file_sha256(path)
+    return _HASHED[key]
+
+
+def verify_checkpoint(json_path: Path) -> str | None:
+    """Why checkpoint ``json_path`` is not whole (sidecar or SHA-256), or None when it is; reads no tensors."""
+    try:
+        meta = read_sidecar(json_path)
+        tensor_path = json_path.parent / meta["tensors"]
+        if _sha256_cached(tensor_path) != meta["sha256"]:
+            return f"checkpoint {tensor_path} is truncated or altered (SHA-256 mismatch)"
+    except CheckpointError as e:
+        return str(e)
+    except OSError as e:
+        return f"checkpoint {json_path} is unreadable ({e})"
+    return None
+
+
+# what a sidecar must hold, and of which type (checked before anything in it is used)
+_SIDECAR_TYPES = {"format": str, "step": int, "tensors": str, "sha256": str, "optimizer": dict, "method": str,
+                  "arch": str, "epoch": int, "steps_per_epoch": int, "scheduler": dict, "scaler": dict,
+                  "config": dict}
+_MAX_STEP = 10 ** 12
+
+
+def read_sidecar(json_path: Path) -> dict[str, Any]:
+    """The JSON of a checkpoint, checked field by field; CheckpointError (one line, naming the file) when
+    a key is missing, has the wrong type or an impossible value (a step that is not the file's own)."""
     json_path = Path(json_path)
     try:
-        meta = json.loads(json_path.read_text())
+        meta = json.loads(json_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"checkpoint {json_path} is unreadable ({e.__class__.__name__}: {e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{json_path} is not an advfast checkpoint (format {FORMAT!r} expected)")
+    for key, kind in _SIDECAR_TYPES.items():
+        value = meta.get(key)
+        if value is None or not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            what = "lacks" if key not in meta else f"has a {type(value).__name__} for"
+            raise CheckpointError(f"checkpoint {json_path} {what} {key!r} (damaged sidecar)")
+    match = _NAME.fullmatch(json_path.name)
+    step = meta["step"]
+    if match is None or step != int(match.group(1)) or not 0 <= step <= _MAX_STEP:
+        raise CheckpointError(f"checkpoint {json_path} records step {step}, not the file's own (damaged sidecar)")
+    if meta["tensors"] != f"{json_path.stem}.safetensors":
+        raise CheckpointError(f"checkpoint {json_path} names the tensor file {meta['tensors'][:80]!r}, not its own")
+    if not re.fullmatch(r"[0-9a-f]{64}", meta["sha256"]):
+        raise CheckpointError(f"checkpoint {json_path} has no valid SHA-256 (damaged sidecar)")
+    spe = meta["steps_per_epoch"]
+    if not 1 <= spe <= _MAX_STEP or meta["epoch"] != step // spe:
+        raise CheckpointError(f"checkpoint {json_path} has epoch {meta['epoch']} and {spe} steps per epoch "
+                              f"at step {step} (damaged sidecar)")
+    optim = meta["optimizer"]
+    if not isinstance(optim.get("plain"), dict) or not isinstance(optim.get("param_groups"), list) or \
+            not all(isinstance(g, dict) for g in optim["param_groups"]):
+        raise CheckpointError(f"checkpoint {json_path} has a damaged optimizer record")
+    return meta
+
+
+def load_checkpoint(json_path: Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+    """Read one checkpoint, verifying it whole. Returns (meta, {"model": ..., "optimizer": ..., "rng": ...});
+    raises CheckpointError naming the file when it is truncated, altered, damaged or not an advfast checkpoint."""
+    json_path = Path(json_path)
+    meta = read_sidecar(json_path)
     tensor_path = json_path.parent / meta["tensors"]
-    if tensor_path.parent != json_path.parent or not tensor_path.is_file():
+    if not tensor_path.is_file():
         raise CheckpointError(f"checkpoint {json_path} lacks its tensor file {tensor_path.name}")
     if file_sha256(tensor_path) != meta.get("sha256"):
         raise CheckpointError(f"checkpoint {tensor_path} is truncated or altered (SHA-256 mismatch)")
@@ -172,7 +248,11 @@ def load_checkpoint(json_path: Path) -> tuple[dict[str, Any], dict[str, dict[str
             parts["optimizer"][key] = value
         elif kind == "rng":
             parts["rng"][rest] = value
-    parts["optimizer"] = unflatten_optimizer_state(parts["optimizer"], meta["optimizer"])
+    try:
+        parts["optimizer"] = unflatten_optimizer_state(parts["optimizer"], meta["optimizer"])
+    except (ValueError, TypeError, AttributeError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {json_path} has a damaged optimizer record ({e.__class__.__name__})") \
+            from None
     return meta, parts
 
 

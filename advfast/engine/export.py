@@ -8,10 +8,13 @@ rebuild the model: ``build_encoder(**build_args)`` then ``load_state_dict``.
 from __future__ import annotations
 
 import json
+import math
+import sys
 from pathlib import Path
 
 import advfast
 from advfast.engine.checkpoint import atomic_save_tensors, atomic_write_json
+from advfast.io import file_sha256
 
 FORMAT = "advfast-encoder-1"
 
@@ -32,10 +35,12 @@ def export_encoder(method, cfg, out: Path, step: int, image_size: int) -> Path:
     if branch not in branches:
         branch = branches[0]  # single-BN encoders name their only branch "normal" or otherwise
     out = Path(out)
+    digests = {}
     for name in branches:
         state = single_branch_state_dict(encoder, name)
         tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
-        atomic_save_tensors(out / branch_file(name, branch), tensors, metadata={"format": FORMAT})
+        filename = branch_file(name, branch)
+        digests[filename] = atomic_save_tensors(out / filename, tensors, metadata={"format": FORMAT})
     build_args = dict(getattr(encoder, "build_args", {"arch": cfg.arch}))
     build_args["bn_branches"] = [branch]
     for key in ("mean", "std"):
@@ -47,6 +52,7 @@ def export_encoder(method, cfg, out: Path, step: int, image_size: int) -> Path:
         "feat_dim": int(encoder.feat_dim), "mean": build_args.get("mean"), "std": build_args.get("std"),
         "method": cfg.method, "variant": method.variant, "dataset": cfg.dataset, "image_size": int(image_size),
         "num_classes": int(method.num_classes), "step": int(step),
+        "sha256": digests,  # of each weights file: load_encoder verifies it
     }
     atomic_write_json(out / "encoder.json", info)
     return out / "encoder.safetensors"
@@ -77,7 +83,70 @@ def encoder_files(path, branch: str | None = None) -> tuple[Path, dict, Path]:
     weights = run / branch_file(branch, meta["bn_branch"])
     if not weights.is_file():
         raise FileNotFoundError(f"{run} lists BN branch {branch!r} but holds no {weights.name}")
+    check_build_args(meta["build_args"], meta_path)
     return weights, dict(meta, bn_branch=branch), run
+
+
+# what encoder.json's build_args may hold, beyond the arch's own keyword arguments: the model is never
+# built from arguments that were not checked (a damaged or hostile file must not allocate 10**9 channels)
+_MAX_WIDTH = 16384
+_MAX_LAYERS = 256
+
+
+def check_build_args(args, meta_path) -> None:
+    """ValueError (one line, naming the file) unless ``args`` are keyword arguments build_encoder takes,
+    of sane types and sizes."""
+    import inspect
+
+    from advfast.models import available_archs
+    from advfast.models.encoder import _ARCHS
+
+    def bad(what: str):
+        return ValueError(f"{meta_path} is damaged: build_args {what}; export the encoder again (advfast-train "
+                          f"--resume finishes a run and exports it)")
+
+    if not isinstance(args, dict) or not isinstance(args.get("arch"), str):
+        raise bad("has no arch")
+    if args["arch"] not in available_archs():
+        raise bad(f"name an unknown arch {args['arch'][:40]!r}")
+    params = inspect.signature(_ARCHS[args["arch"]].__init__).parameters
+    allowed = {"arch"} | {n for n, p in params.items() if n != "self" and p.kind == p.POSITIONAL_OR_KEYWORD}
+    unknown = sorted(set(args) - allowed)
+    if unknown:
+        raise bad(f"hold unknown key {unknown[0][:40]!r} (the {args['arch']} encoder takes {', '.join(sorted(allowed))})")
+    for key in ("mean", "std"):
+        value = args.get(key)
+        if value is not None and not (isinstance(value, list) and 1 <= len(value) <= 16 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and
+                (key == "mean" or v > 0) for v in value)):
+            raise bad(f"{key} is not a short list of finite numbers")
+    branches = args.get("bn_branches", ["normal"])
+    if not (isinstance(branches, list) and branches and all(isinstance(b, str) and len(b) < 64 for b in branches)):
+        raise bad("bn_branches is not a list of names")
+    channels = args.get("in_channels")
+    if channels is not None and not (type(channels) is int and 1 <= channels <= 64):
+        raise bad("in_channels is not an int in 1..64")
+    for key, value in args.items():
+        if key in ("arch", "mean", "std", "bn_branches", "in_channels"):
+            continue
+        items = value if isinstance(value, list) else [value]
+        if len(items) > _MAX_LAYERS or not all(type(v) in (int, float, str, bool) for v in items) or \
+                any(type(v) is int and not 0 <= v <= _MAX_WIDTH for v in items) or \
+                any(type(v) is float and not math.isfinite(v) for v in items) or \
+                any(type(v) is str and len(v) > 64 for v in items):
+            raise bad(f"{key} is not a plain value in range")
+
+
+def verify_encoder_file(weights: Path, meta: dict) -> None:
+    """The weights file's SHA-256 against encoder.json's record: ValueError when it differs; exports made
+    before checksums were recorded load with a one-line note on stderr."""
+    recorded = meta.get("sha256")
+    if not isinstance(recorded, dict) or weights.name not in recorded:
+        print(f"advfast: note: {weights} carries no checksum (exported before advfast recorded them); "
+              f"loading it unverified", file=sys.stderr)
+        return
+    if file_sha256(weights) != recorded[weights.name]:
+        raise ValueError(f"{weights} is truncated or altered (SHA-256 differs from encoder.json); export it again")
 
 
 def load_encoder(path, branch: str | None = None):
@@ -90,6 +159,7 @@ def load_encoder(path, branch: str | None = None):
 
     weights, meta, run = encoder_files(path, branch)
     branch = meta["bn_branch"]
+    verify_encoder_file(weights, meta)
     try:
         state = load_file(str(weights))
     except (OSError, SafetensorError) as exc:

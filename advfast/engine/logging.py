@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from advfast.io import atomic_write_text
+
 
 class MetricLogger:
     def __init__(self, run_dir: Path, resume_step: int | None = None, tensorboard: bool = True):
@@ -29,37 +31,46 @@ class MetricLogger:
         self._tb = _tensorboard_writer(self.run_dir / "tb") if tensorboard else None
 
     def _truncate_after(self, step: int) -> None:
-        """Drop rows logged after the checkpoint we resume from: they will be logged again."""
+        """Drop rows logged after the checkpoint we resume from (they will be logged again) and any line
+        torn by a kill. metrics.jsonl is the record; metrics.csv is rebuilt from it. Both are rewritten
+        atomically: a kill during the rewrite leaves the old files, never half of them."""
+        rows = []
         if self.jsonl.exists():
-            keep = [ln for ln in self.jsonl.read_text().splitlines() if ln.strip() and _row_step(ln) <= step]
-            self.jsonl.write_text("".join(ln + "\n" for ln in keep))
-        if self.csv.exists():
-            rows = list(csv.reader(io.StringIO(self.csv.read_text())))
-            if rows:
-                header, body = rows[0], rows[1:]
-                at = header.index("step") if "step" in header else 0
-                body = [r for r in body if r and float(r[at]) <= step]
-                buf = io.StringIO()
-                csv.writer(buf).writerows([header] + body)
-                self.csv.write_text(buf.getvalue())
+            for line in self.jsonl.read_text(encoding="utf-8", errors="replace").splitlines():
+                row = _parse_row(line)
+                if row is not None and row["step"] <= step:
+                    rows.append(row)
+        atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in rows))
+        header = self._csv_columns() or (list(rows[0]) if rows else None)
+        if header is None:
+            self.csv.unlink(missing_ok=True)
+            return
+        buf = io.StringIO()
+        writer = csv.writer(buf)
+        writer.writerow(header)
+        for row in rows:
+            writer.writerow([row.get(c, "") for c in header])
+        atomic_write_text(self.csv, buf.getvalue())
 
     def _csv_columns(self) -> list[str] | None:
         if self.csv.exists():
-            first = self.csv.read_text().splitlines()[:1]
+            first = self.csv.read_text(encoding="utf-8", errors="replace").splitlines()[:1]
             if first:
-                return next(csv.reader(first))
+                columns = next(csv.reader(first))
+                return columns if "step" in columns else None
         return None
 
     def log(self, row: dict[str, Any]) -> None:
+        """Append one row to each file in a single write: a kill leaves at most a torn last line, which
+        a resume drops."""
         row = {k: (v if not isinstance(v, float) or math.isfinite(v) else str(v)) for k, v in row.items()}
-        with self.jsonl.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        _append(self.jsonl, json.dumps(row) + "\n")
+        buf = io.StringIO()
         if self._columns is None:
             self._columns = list(row)
-            with self.csv.open("a", newline="") as f:
-                csv.writer(f).writerow(self._columns)
-        with self.csv.open("a", newline="") as f:
-            csv.writer(f).writerow([row.get(c, "") for c in self._columns])
+            csv.writer(buf).writerow(self._columns)
+        csv.writer(buf).writerow([row.get(c, "") for c in self._columns])
+        _append(self.csv, buf.getvalue())
         if self._tb is not None:
             step = row["step"]
             for key, value in row.items():
@@ -71,11 +82,20 @@ class MetricLogger:
             self._tb.close()
 
 
-def _row_step(line: str) -> float:
+def _parse_row(line: str) -> dict[str, Any] | None:
+    """A whole metrics.jsonl row, or None for a torn or foreign line."""
     try:
-        return float(json.loads(line).get("step", math.inf))
-    except (json.JSONDecodeError, AttributeError, TypeError, ValueError):
-        return math.inf
+        row = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(row, dict) or not isinstance(row.get("step"), int) or isinstance(row["step"], bool):
+        return None
+    return row
+
+
+def _append(path: Path, text: str) -> None:
+    with path.open("a", encoding="utf-8", newline="") as f:
+        f.write(text)
 
 
 def _tensorboard_writer(path: Path):

@@ -7,6 +7,7 @@ parameters stay fp32 (master weights) whatever the compute dtype.
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -63,3 +64,61 @@ def resolve_precision(cfg: TrainConfig) -> Precision:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
     channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and on_gpu)
     return Precision(device=device, dtype=dtype, channels_last=channels_last)
+
+
+# ---- process-wide settings, scoped to training ---------------------------------------------------
+
+@dataclass(frozen=True)
+class ProcessSettings:
+    """The process-wide torch settings a Trainer changes (see training_settings), captured to be put back."""
+    deterministic: bool
+    warn_only: bool
+    cudnn_deterministic: bool
+    cudnn_benchmark: bool
+    cudnn_allow_tf32: bool
+    matmul_precision: str
+    cublas_workspace: str | None
+
+    @classmethod
+    def capture(cls) -> "ProcessSettings":
+        return cls(torch.are_deterministic_algorithms_enabled(),
+                   torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.deterministic,
+                   torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32,
+                   torch.get_float32_matmul_precision(), os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+
+    def restore(self) -> None:
+        torch.use_deterministic_algorithms(self.deterministic, warn_only=self.warn_only)
+        torch.backends.cudnn.deterministic = self.cudnn_deterministic
+        torch.backends.cudnn.benchmark = self.cudnn_benchmark
+        torch.backends.cudnn.allow_tf32 = self.cudnn_allow_tf32
+        if torch.get_float32_matmul_precision() != self.matmul_precision:
+            torch.set_float32_matmul_precision(self.matmul_precision)
+        if self.cublas_workspace is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = self.cublas_workspace
+
+
+def apply_training_settings(deterministic: bool, device: torch.device) -> None:
+    """Deterministic algorithms, or (on a GPU) cuDNN autotuning and TF32 matmuls."""
+    if deterministic:  # cuBLAS reads this when its first handle is made
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(bool(deterministic))
+    if deterministic:
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")
+
+
+@contextlib.contextmanager
+def training_settings(deterministic: bool, device: torch.device):
+    """apply_training_settings for the duration of the block; the caller's settings come back after it,
+    on an exception too, so code after training (and fp32 tests in the same process) runs as before."""
+    saved = ProcessSettings.capture()
+    try:
+        apply_training_settings(deterministic, device)
+        yield
+    finally:
+        saved.restore()

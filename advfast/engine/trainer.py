@@ -10,13 +10,14 @@ back every ``log_every`` steps, the loop's only host synchronisation.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
-import os
 import signal
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +31,26 @@ from advfast.engine import distributed
 from advfast.engine.divergence import STOP, decide, weights_finite
 from advfast.engine.export import export_encoder
 from advfast.engine.logging import MetricLogger, Progress
-from advfast.engine.precision import resolve_precision
-from advfast.engine.rundir import CHECKPOINTS, RUN_FILE, holds_run, prepare_run_dir
+from advfast.engine.precision import resolve_precision, training_settings
+from advfast.engine.rundir import CHECKPOINTS, RUN_FILE, check_run_dir, prepare_run_dir, writable_dir_error
+from advfast.engine.runlock import RunDirLocked, RunLock
+
+# settings a resumed run may change with allow_change=(...) (--allow-change KEY): they change how the
+# optimisation goes on, not the shapes or the meaning of what was saved
+CHANGEABLE_ON_RESUME = ("optim.lr", "optim.weight_decay", "optim.momentum", "optim.min_lr", "attack.eps",
+                        "attack.alpha", "attack.steps", "precision")
 
 
-class TrainingDiverged(RuntimeError):
+class RunFault(RuntimeError):
+    """A fault that stopped a run after it started (exit code 1, one line): the last good checkpoint stays."""
+
+
+class TrainingDiverged(RunFault):
     """The loss or the weights became NaN or infinite."""
+
+
+class CheckpointWriteFailed(RunFault):
+    """A run file could not be written (disk full, file too large, I/O error)."""
 
 
 def method_class(name: str):
@@ -83,9 +98,20 @@ def build_config(method: str, variant: str | None = None, dataset: str = "digits
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False):
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
+                 allow_change: tuple[str, ...] = (), break_lock: bool = False):
+        """Validate and build everything first; the run directory is touched last (lock, then on
+        ``overwrite`` the old run's files removed), so a bad setting never costs the old run.
+        ``allow_change``: dotted keys (CHANGEABLE_ON_RESUME) that may differ from the run's run.json on
+        resume; ``break_lock``: take the run directory's lock even from a live or remote owner."""
         validate(cfg)
         self.cfg = cfg
+        self.allow_change = tuple(allow_change)
+        bad = [k for k in self.allow_change if k not in CHANGEABLE_ON_RESUME]
+        if bad:
+            raise ValueError(f"--allow-change {bad[0]}: only {', '.join(CHANGEABLE_ON_RESUME)} can change on resume")
+        if self.allow_change and not resume:
+            raise ValueError("--allow-change is for --resume: a new run takes any setting")
         cls = method_class(cfg.method)
         cls.resolve_variant(cfg.variant)
         cls.parse_options(cfg.method_options)
@@ -95,11 +121,12 @@ class Trainer:
             raise ValueError(f"unknown arch {cfg.arch!r}{closest(cfg.arch, available_archs())}; "
                              f"choose from {', '.join(available_archs())}")
         self.out = Path(cfg.out)
-        if self.out.exists() and not self.out.is_dir():
-            raise ValueError(f"output path {self.out} is a file; give --out a directory")
-        if holds_run(self.out) and not (resume or overwrite):
-            raise ValueError(f"output directory {self.out} already holds a run; pass --resume to continue it, "
-                             f"--overwrite to replace it, or choose another --out")
+        check_run_dir(self.out, resume, overwrite)  # reads only
+        problem = writable_dir_error(self.out)
+        if problem:
+            raise ValueError(problem)
+        self._saved_run = read_run_file(self.out) if resume else None
+        self._changes = self._changed_settings(self._saved_run) if resume else []
         self.precision = resolve_precision(cfg)
         # under torchrun: the process group and this rank's device (cuda:LOCAL_RANK)
         self.dist, device = distributed.setup(self.precision.device)
@@ -108,8 +135,14 @@ class Trainer:
         self.device = self.precision.device
         if cfg.cuda_graph_attack:
             check_attack_graphs(self.device, self.dist.enabled)
-        self._set_determinism()
+        self._lock: RunLock | None = None
+        self._break_lock = break_lock
+        # process-wide settings (determinism, TF32) hold while the Trainer builds and trains, not after
+        with training_settings(cfg.deterministic, self.device):
+            self._build(cls, resume, overwrite)
 
+    def _build(self, cls, resume: bool, overwrite: bool) -> None:
+        cfg = self.cfg
         from advfast.data import DeviceLoader, build_augment, load_dataset
 
         dataset = load_dataset(cfg.dataset, cfg.data_dir, "train", cfg.download, **dataset_kwargs(cfg))
@@ -128,6 +161,10 @@ class Trainer:
                                    rank=self.dist.rank, world_size=world)
         self.steps_per_epoch = len(self.loader)
         self.total_steps = cfg.epochs * self.steps_per_epoch
+        if resume and cfg.max_steps is not None and cfg.max_steps > self.total_steps:
+            raise ValueError(f"max_steps {cfg.max_steps} is beyond the run's {self.total_steps} planned steps "
+                             f"(epochs {cfg.epochs} x {self.steps_per_epoch}), where its learning-rate schedule "
+                             f"ends; give --set max_steps={self.total_steps} or less")
 
         torch.manual_seed(cfg.seed)  # weight init
         method = cls(cfg, dataset.num_classes, dataset.mean, dataset.std).to(self.device)
@@ -136,8 +173,8 @@ class Trainer:
         if cfg.sync_bn:  # per-branch SyncBatchNorm under torchrun on GPUs (a no-op computation in one process)
             distributed.convert_sync_bn(method, self.device)
         self.method = method
-        if cfg.compile:
-            self.method.encoder.compile(backend=cfg.compile_backend)
+        if cfg.compile:  # one compiled variant per BN branch and mode: advfast.models.compiled
+            advfast.models.compile_encoder(self.method.encoder, backend=cfg.compile_backend)
         if cfg.cuda_graph_attack:
             self.method.attack_graphs = AttackGraphs()
         if self.dist.enabled:  # same weights on every rank (seeded above), own attack randomness per rank
@@ -157,28 +194,87 @@ class Trainer:
         # DDP under torchrun (a collective: every rank has passed the holds_run check above)
         self._ddp_step = distributed.wrap_step(self.method, self.device) if self.dist.enabled else None
 
-        if self.dist.is_main:  # rank 0 owns the run directory; every rank reads the checkpoint
-            prepare_run_dir(self.out, resume, overwrite)
-        distributed.barrier()
-        self.resumed = resume and self._restore()
-        if self.dist.is_main:
-            ckpt.atomic_write_json(self.out / RUN_FILE, {
-                "advfast_version": advfast.__version__, "config": to_dict(cfg),
-                "precision": self.precision.name, "device": str(self.device),
-                "steps_per_epoch": self.steps_per_epoch, "dataset_size": len(dataset),
-                "world_size": self.dist.world_size})
+        # everything is built: now the disk. Rank 0 locks the run directory for the whole job
+        self._take_lock(create=not resume)
+        try:
+            self.resumed = resume and self._restore()  # reads only: a refusal leaves the run as it was
+            if self.dist.is_main:
+                prepare_run_dir(self.out, resume, overwrite)
+            distributed.barrier()
+            if self.dist.is_main:
+                self._write_run_file(dataset)
+        except BaseException:
+            self._release_lock()
+            raise
 
-    # ---- setup helpers -----------------------------------------------------------------------------
-    def _set_determinism(self) -> None:
-        if self.cfg.deterministic:  # cuBLAS reads this when its first handle is made
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(bool(self.cfg.deterministic))  # process-wide: set both ways
-        if self.cfg.deterministic:
-            torch.backends.cudnn.deterministic = True
-            torch.backends.cudnn.benchmark = False
-        elif self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-            torch.set_float32_matmul_precision("high")
+    def _write_run_file(self, dataset) -> None:
+        history = list((self._saved_run or {}).get("changes", []))
+        history += [dict(c, step=self.step) for c in self._changes]
+        for c in self._changes:
+            print(f"advfast: resuming with {c['key']} changed from {c['from']!r} to {c['to']!r} at step {self.step} "
+                  f"(--allow-change; recorded in {self.out / RUN_FILE})", flush=True)
+        record = {"advfast_version": advfast.__version__, "config": to_dict(self.cfg),
+                  "precision": self.precision.name, "device": str(self.device),
+                  "steps_per_epoch": self.steps_per_epoch, "dataset_size": len(dataset),
+                  "world_size": self.dist.world_size}
+        if history:
+            record["changes"] = history
+        try:
+            ckpt.atomic_write_json(self.out / RUN_FILE, record)
+        except OSError as e:
+            raise CheckpointWriteFailed(f"could not write {self.out / RUN_FILE} ({e.strerror or e}); "
+                                        f"free space in {self.out} and run again") from None
+
+    # ---- the run directory's lock ------------------------------------------------------------------
+    def _take_lock(self, create: bool) -> None:
+        """Rank 0 takes the lock; every rank learns whether it got it (no rank waits on a refused one)."""
+        error = None
+        if self.dist.is_main and (self._lock is None or not self._lock.held):
+            try:
+                if create:
+                    self.out.mkdir(parents=True, exist_ok=True)
+                self._lock = RunLock(self.out, break_lock=self._break_lock,
+                                     note=lambda m: print(m, flush=True)).acquire()
+                self._unlock_at_exit = weakref.finalize(self, self._lock.release)
+            except (RunDirLocked, OSError) as e:
+                error = e if isinstance(e, RunDirLocked) else \
+                    ValueError(f"cannot lock {self.out} ({getattr(e, 'strerror', None) or e}); choose another --out")
+        if distributed.max_over_ranks(int(error is not None), self.device):
+            if error is not None:
+                raise error
+            raise RunDirLocked(f"rank 0 could not lock {self.out}; see its message")
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+
+    # ---- resume: what may differ from the saved run ------------------------------------------------
+    def _changed_settings(self, saved: dict | None) -> list[dict[str, Any]]:
+        """The allow_change keys whose value differs from run.json, as {"key", "from", "to"}."""
+        if saved is None:
+            return []
+        mine, theirs = _flat(to_dict(self.cfg)), _flat(saved["config"])
+        return [{"key": k, "from": theirs.get(k), "to": mine.get(k)} for k in self.allow_change
+                if mine.get(k) != theirs.get(k)]
+
+    def _apply_changes(self) -> None:
+        """After the checkpoint is loaded: optimiser settings that were allowed to change take effect (the
+        checkpoint restored the old ones). lr and min_lr rescale the schedule, which keeps its shape."""
+        changed = {c["key"]: c for c in self._changes}
+        if "optim.lr" in changed and changed["optim.lr"]["from"]:
+            ratio = float(changed["optim.lr"]["to"]) / float(changed["optim.lr"]["from"])
+            self.scheduler.base_lrs = [b * ratio for b in self.scheduler.base_lrs]
+            for group in self.optimizer.param_groups:
+                group["lr"] *= ratio
+                if "initial_lr" in group:
+                    group["initial_lr"] *= ratio
+        if "optim.min_lr" in changed:
+            self.scheduler.min_lr = float(self.cfg.optim.min_lr)
+        for name in ("weight_decay", "momentum"):
+            if f"optim.{name}" in changed:
+                for group in self.optimizer.param_groups:
+                    if name in group:
+                        group[name] = getattr(self.cfg.optim, name)
 
     # ---- RNG state -----------------------------------------------------------------------------------
     def _generators(self) -> dict[str, torch.Generator]:
@@ -225,10 +321,20 @@ class Trainer:
                                     keep_last=self.cfg.keep_last)
 
     def _restore(self) -> bool:
-        found = ckpt.latest_valid_checkpoint(self.out / CHECKPOINTS, warn=lambda m: print(m, flush=True))
+        """Load the newest whole checkpoint (damaged ones are skipped with a warning each). Never starts
+        over: no whole checkpoint, or one that does not fit this model, is a one-line CheckpointError."""
+        skipped: list[str] = []
+
+        def warn(message: str) -> None:
+            skipped.append(message)
+            print(message, flush=True)
+
+        found = ckpt.latest_valid_checkpoint(self.out / CHECKPOINTS, warn=warn)
         if found is None:
-            print(f"advfast: no checkpoint in {self.out / CHECKPOINTS} yet; starting from step 0", flush=True)
-            return False
+            what = f"{len(skipped)} damaged checkpoint(s), none whole" if skipped else "no checkpoint"
+            raise ckpt.CheckpointError(f"nothing to resume in {self.out}: {what} in {self.out / CHECKPOINTS} "
+                                       f"(the run stopped before its first checkpoint?); start it again with "
+                                       f"--overwrite")
         meta, parts = found
         for key, mine in (("method", self.cfg.method), ("variant", self.method.variant), ("arch", self.cfg.arch)):
             if meta.get(key) != mine:
@@ -237,11 +343,19 @@ class Trainer:
         if meta["steps_per_epoch"] != self.steps_per_epoch:
             raise ValueError(f"the checkpoint in {self.out} has {meta['steps_per_epoch']} steps per epoch, this "
                              f"configuration {self.steps_per_epoch}; resume with the run's own dataset and batch size")
-        self.method.load_state_dict({k: v.to(self.device) for k, v in parts["model"].items()}, strict=True)
-        self.optimizer.load_state_dict(parts["optimizer"])
-        self.scheduler.load_state_dict(meta["scheduler"])
-        self.scaler.load_state_dict(meta["scaler"])
+        where = self.out / CHECKPOINTS / meta["tensors"]
+        try:
+            self.method.load_state_dict({k: v.to(self.device) for k, v in parts["model"].items()}, strict=True)
+            self.optimizer.load_state_dict(parts["optimizer"])
+            self.scheduler.load_state_dict(meta["scheduler"])
+            self.scaler.load_state_dict(meta["scaler"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+            detail = next((ln.strip() for ln in str(e).splitlines() if ln.strip() and "Error(s)" not in ln), str(e))
+            raise ckpt.CheckpointError(f"the checkpoint {where} does not fit this {self.cfg.method} model "
+                                       f"(another run's? {detail[:200]}); resume with the run's own settings or "
+                                       f"choose another --out") from None
         self.step = int(meta["step"])
+        self._apply_changes()
         rng = parts["rng"]
         self._epoch_start_rng = {k[len("epoch."):]: v for k, v in rng.items() if k.startswith("epoch.")}
         self._resume_rng = {k[len("now."):]: v for k, v in rng.items() if k.startswith("now.")}
@@ -291,12 +405,22 @@ class Trainer:
         return loss, metrics
 
     def fit(self) -> dict[str, Any]:
-        """Train until cfg.epochs (or cfg.max_steps, or SIGINT/SIGTERM); returns a summary."""
+        """Train until cfg.epochs (or cfg.max_steps, or SIGINT/SIGTERM); returns a summary. The run
+        directory stays locked and the process-wide settings applied until it returns or raises."""
+        self._take_lock(create=True)
+        try:
+            with training_settings(self.cfg.deterministic, self.device):
+                return self._fit()
+        finally:
+            self._release_lock()
+
+    def _fit(self) -> dict[str, Any]:
         cfg = self.cfg
         stop_at = min(self.total_steps, cfg.max_steps or self.total_steps)
         main = self.dist.is_main  # logs, progress, checkpoints and the export: rank 0 only
-        logger = MetricLogger(self.out, resume_step=self.step if self.resumed else None) if main \
-            else distributed.NullLogger()
+        with self._writing("the metrics"):
+            logger = MetricLogger(self.out, resume_step=self.step if self.resumed else None) if main \
+                else distributed.NullLogger()
         progress = Progress(stop_at, self.step, cfg.progress and self.step < stop_at and main,
                             desc=f"{cfg.method}" + (f"/{self.method.variant}" if self.method.variant else ""))
         sums: dict[str, torch.Tensor] = {}
@@ -327,7 +451,8 @@ class Trainer:
                                 "images_per_s": round(cfg.batch_size * (self.step - tick_step) / max(now - tick, 1e-9), 2)}
                         sums, count, tick, tick_step = {}, 0, now, self.step
                         self._stop_if_diverged(last["loss"], weights_ok)
-                        logger.log(last)
+                        with self._writing("the metrics"):
+                            logger.log(last)
                         progress.show(loss=last["loss"], lr=lr, img_s=last["images_per_s"])
                     if self.step % cfg.ckpt_every == 0 or end:
                         # never checkpoint weights trained on a non-finite loss since the last check
@@ -338,7 +463,8 @@ class Trainer:
                         loss_ok, weights_ok = (v == 1.0 for v in distributed.all_reduce_mean(ok).tolist())
                         self._stop_if_diverged(0.0 if loss_ok else float("nan"), weights_ok)
                         if main:
-                            self.save_checkpoint()
+                            with self._writing(f"checkpoint {self.step}"):
+                                self.save_checkpoint()
                     if end:
                         break
         finally:
@@ -346,7 +472,8 @@ class Trainer:
             progress.close()
             logger.close()
         if main:
-            export_encoder(self.method, self.cfg, self.out, step=self.step, image_size=self._image_size())
+            with self._writing("the encoder"):
+                export_encoder(self.method, self.cfg, self.out, step=self.step, image_size=self._image_size())
         distributed.barrier()  # the run directory is complete when any rank returns
         summary = {"step": self.step, "total_steps": self.total_steps, "last": last, "out": str(self.out),
                    "stopped_by": signal.Signals(self._stop_signal).name if self._stop_signal else None}
@@ -354,6 +481,19 @@ class Trainer:
             print(f"advfast: stopped by {summary['stopped_by']} at step {self.step}; checkpoint saved. "
                   f"Continue with: advfast-train --resume --out {self.out}", flush=True)
         return summary
+
+    @contextlib.contextmanager
+    def _writing(self, what: str):
+        """A failed write (disk full, file too large, I/O error) stops the run with one line; the write
+        itself was atomic, so the previous files are intact and no temporary file is left."""
+        try:
+            yield
+        except OSError as e:
+            kept = ckpt.list_checkpoints(self.out / CHECKPOINTS)
+            last = f"the last checkpoint {kept[-1]} is intact" if kept else "no checkpoint was written yet"
+            raise CheckpointWriteFailed(f"could not write {what} to {self.out} at step {self.step} "
+                                        f"({e.strerror or e}); {last}. Free space, then: advfast-train --resume "
+                                        f"--out {self.out}") from None
 
     def _image_size(self) -> int:
         return int(self.cfg.image_size or self.dataset.images.shape[-1])
@@ -383,8 +523,13 @@ class Trainer:
         kept = ckpt.list_checkpoints(self.out / CHECKPOINTS)
         where = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was written yet"
         what = "the weights hold NaN/Inf" if isinstance(value, str) else f"loss became {value}"
-        return (f"{what} by step {self.step}; {where}. Lower optim.lr (--set optim.lr=...) "
-                f"or use precision fp32, then --resume")
+        lower = f"{self.cfg.optim.lr / 10:g}"
+        if kept:
+            how = (f"continue with a lower learning rate: advfast-train --resume --out {self.out} "
+                   f"--allow-change optim.lr --set optim.lr={lower}")
+        else:
+            how = f"start again with a lower learning rate: add --overwrite --set optim.lr={lower} to the command"
+        return f"{what} by step {self.step}; {where}. To {how}"
 
     def _catch_signals(self):
         """SIGINT/SIGTERM finish the current step, save a checkpoint and stop (main thread only)."""
@@ -407,13 +552,43 @@ def _jsonable(obj):
     return json.loads(json.dumps(obj))
 
 
-def load_run_config(out: str | Path) -> TrainConfig:
-    """The config a run in ``out`` was started with (for --resume)."""
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"lr": 1}} -> {"optim.lr": 1}; method_options are "method.<key>" as on the command line."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{'method' if k == 'method_options' and not prefix else k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def read_run_file(out: str | Path) -> dict[str, Any]:
+    """A run's run.json, checked to be advfast's (a config mapping and the fields the Trainer writes);
+    ValueError (one line, naming the file) when it is missing, unreadable or damaged."""
     path = Path(out) / RUN_FILE
     if not path.is_file():
         raise ValueError(f"nothing to resume: {path} does not exist; start the run without --resume")
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is unreadable ({e}); start the run again with --overwrite") from None
-    return from_dict(data["config"])
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is unreadable ({e.__class__.__name__}); start the run again with --overwrite") \
+            from None
+    if not isinstance(data, dict) or not isinstance(data.get("config"), dict) or \
+            not isinstance(data["config"].get("method"), str) or not isinstance(data.get("steps_per_epoch"), int):
+        raise ValueError(f"{path} is damaged (no advfast config in it); start the run again with --overwrite")
+    return data
+
+
+def load_run_config(out: str | Path) -> TrainConfig:
+    """The config a run in ``out`` was started with (for --resume), validated like a new one."""
+    path = Path(out) / RUN_FILE
+    data = read_run_file(out)
+    try:
+        cfg = from_dict(data["config"])
+        validate(cfg)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        first = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+        raise ValueError(f"{path} is damaged ({first[:200]}); start the run again with --overwrite") from None
+    return cfg
