@@ -49,8 +49,12 @@ def _parser() -> argparse.ArgumentParser:
                         "--set method.queue_size=4096 (repeatable)")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--seed", help="random seed")
-    p.add_argument("--out", help="run directory (checkpoints, metrics, encoder.safetensors)")
+    p.add_argument("--out", metavar="DIR", help="run directory (checkpoints, metrics, encoder.safetensors); "
+                   "required (except with --list)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--allow-change", metavar="KEY", action="append", default=[],
+                   help="with --resume: let this setting differ from the run's (e.g. --allow-change optim.lr "
+                        "--set optim.lr=0.05 after a divergence); repeatable")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -58,19 +62,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def parse_set(items: list[str]) -> dict[str, Any]:
     """['attack.eps=8/255', 'method.queue_size=4096'] -> {'attack': {'eps': '8/255'}, 'method_options': {...}}."""
-    import yaml
+    from advfast.config import load_yaml, show
 
     out: dict[str, Any] = {}
     for item in items:
         key, sep, text = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise UsageError(f"--set takes KEY=VALUE, got {item!r}")
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
-            value = text
+            raise UsageError(f"--set takes KEY=VALUE, got {show(item)}")
+        value = load_yaml(text, f"--set {show(key, 60)}", invalid_as_text=True) if text.strip() else None
         parts = key.split(".")
+        if not all(parts):
+            raise UsageError(f"--set {show(key, 60)}: a key is dotted names such as attack.eps")
         if parts[0] == "method" and len(parts) > 1:
             parts[0] = "method_options"
         node = out
@@ -83,15 +86,19 @@ def parse_set(items: list[str]) -> dict[str, Any]:
 
 
 def _load_yaml(path: str) -> dict[str, Any]:
-    import yaml
+    from advfast.config import MAX_YAML_BYTES, load_yaml
 
     p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"--config {path}: no such file")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UsageError(f"--config {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+        if p.is_dir():
+            raise UsageError(f"--config {path} is a folder; give a YAML file")
+        if not p.is_file():
+            raise UsageError(f"--config {path}: no such file")
+        with open(p, "rb") as f:  # at most one byte past the cap: a huge file is refused unread
+            raw = f.read(MAX_YAML_BYTES + 1)
+    except OSError as e:
+        raise UsageError(f"--config {path} cannot be read ({e.strerror})") from None
+    data = load_yaml(raw, f"--config {path}") or {}
     if not isinstance(data, dict):
         raise UsageError(f"--config {path} must hold a mapping of settings, got {type(data).__name__}")
     if isinstance(data.get("method"), dict):  # method knobs may be written under "method:" when the name is elsewhere
@@ -112,7 +119,7 @@ def _flag_overrides(args) -> dict[str, Any]:
 
 def build_train_config(args):
     """TrainConfig from parsed arguments (and, on --resume, the run's saved config)."""
-    from advfast.config import apply_overrides, to_dict
+    from advfast.config import apply_overrides, show, to_dict
     from advfast.engine.rundir import RUN_FILE
     from advfast.engine.trainer import build_config, load_run_config
 
@@ -120,8 +127,13 @@ def build_train_config(args):
     choice = {k: getattr(args, k) if getattr(args, k) is not None else yaml_cfg.pop(k, None)
               for k in ("method", "variant", "dataset")}
     yaml_cfg = {k: v for k, v in yaml_cfg.items() if k not in choice}
+    for key, value in choice.items():
+        if value is not None and not isinstance(value, str):
+            raise UsageError(f"{key} must be a name such as {'acl' if key == 'method' else 'digits'}, got {show(value)}")
     layers = [yaml_cfg, _flag_overrides(args), parse_set(args.set), {"out": args.out}]
 
+    if args.allow_change and not args.resume:
+        raise UsageError("--allow-change is for --resume (a new run takes any setting); drop it")
     if args.resume:
         if not (Path(args.out) / RUN_FILE).is_file():
             raise UsageError(f"nothing to resume in {args.out} (no {RUN_FILE}); start the run without --resume")
@@ -131,12 +143,14 @@ def build_train_config(args):
             if given is not None and given != saved[key]:
                 raise UsageError(f"--{key} {given} differs from the run in {args.out} ({saved[key]}); "
                                  f"drop it to resume, or start a new run with another --out")
+        allowed = check_allow_change(args.allow_change, cfg)
         for layer in layers:
             apply_overrides(cfg, layer)
-        changed = [k for k, v in to_dict(cfg).items() if k not in RESUMABLE_KEYS and v != saved[k]]
+        before, after = _flatten(saved), _flatten(to_dict(cfg))
+        changed = [k for k in after if after[k] != before.get(k) and k not in RESUMABLE_KEYS and k not in allowed]
         if changed:
             raise UsageError(f"--resume continues the run as it was configured; {', '.join(changed)} cannot change "
-                             f"(only {', '.join(RESUMABLE_KEYS)} can)")
+                             f"(only {', '.join(RESUMABLE_KEYS)} can, and a setting named with --allow-change KEY)")
         return cfg
     if choice["method"] is None:
         raise UsageError("--method is required (see advfast-train --list)")
@@ -147,6 +161,37 @@ def build_train_config(args):
     if dataset not in DATASETS:
         raise UsageError(f"unknown dataset {dataset!r}{closest(dataset, DATASETS)}; choose from {', '.join(DATASETS)}")
     return build_config(choice["method"], choice["variant"], dataset, layers)
+
+
+def config_keys(cfg) -> list[str]:
+    """Every dotted key of ``cfg``: top-level fields, attack.*, optim.*, and method.* of its method."""
+    from advfast.config import to_dict
+    from advfast.methods import METHODS
+
+    keys = [k for k in _flatten({k: v for k, v in to_dict(cfg).items() if k != "method_options"})]
+    cls = METHODS.get(cfg.method)
+    if cls is not None:
+        keys += [f"method.{f.name}" for f in __import__("dataclasses").fields(cls.Options)]
+    return keys
+
+
+# what picks the recipe and the checkpoint's shapes: a resume never changes these
+_NEVER_CHANGE = ("method", "variant", "dataset", "arch")
+
+
+def check_allow_change(keys: list[str], cfg) -> tuple[str, ...]:
+    """--allow-change KEY values: real dotted keys of the run's config, none that picks the recipe."""
+    from advfast.config import closest, show
+
+    known = config_keys(cfg)
+    for key in keys:
+        if key not in known:
+            raise UsageError(f"--allow-change {show(key, 60)} is not a setting{closest(key, known)}; "
+                             f"give a dotted key such as optim.lr")
+        if key in _NEVER_CHANGE:
+            raise UsageError(f"--allow-change {key}: the {key} of a run never changes; start a new run with "
+                             f"another --out")
+    return tuple(dict.fromkeys(keys))
 
 
 # ---- --list ------------------------------------------------------------------------------------------
@@ -200,8 +245,9 @@ def list_methods(file=None) -> None:
             for line, dss in groups.items():
                 tag = f"{variant}, " if variant else ""
                 print(f"  preset [{tag}{', '.join(dss)}]: {line}", file=file)
+    # out has no default worth showing: every run names its --out
     defaults = _flatten({k: v for k, v in to_dict(TrainConfig()).items()
-                         if k not in ("method", "variant", "method_options")})
+                         if k not in ("method", "variant", "method_options", "out")})
     print("\ndefaults under every preset (change with --set KEY=VALUE or --config FILE.yaml):", file=file)
     print("  " + " ".join(f"{k}={_fmt(v, k)}" for k, v in defaults.items()), file=file)
 
@@ -209,13 +255,32 @@ def list_methods(file=None) -> None:
 # ---- advfast-train -----------------------------------------------------------------------------------
 
 def _fail(message: str, code: int = 2) -> int:
+    if len(message) > 600:  # a message is one readable line, whatever it quotes
+        message = message[:597] + "..."
     print(f"{PROG}: error: {message}", file=sys.stderr)
     return code
+
+
+def _make_trainer(cfg, args):
+    """The Trainer, after every check of the CLI and of config.validate (nothing touched the disk yet)."""
+    import inspect
+
+    from advfast.config import validate
+    from advfast.engine import Trainer
+
+    validate(cfg)
+    kwargs = {"resume": args.resume, "overwrite": args.overwrite}
+    if args.allow_change:
+        if "allow_change" not in inspect.signature(Trainer.__init__).parameters:
+            raise UsageError("--allow-change is not supported by this advfast's Trainer; resume without it")
+        kwargs["allow_change"] = tuple(dict.fromkeys(args.allow_change))
+    return Trainer(cfg, **kwargs)
 
 
 def train_main(argv: list[str] | None = None) -> int:
     import yaml
 
+    from advfast.engine import trainer as trainer_module
     from advfast.engine.checkpoint import CheckpointError
 
     debug = bool(os.environ.get("ADVFAST_DEBUG"))
@@ -228,19 +293,26 @@ def train_main(argv: list[str] | None = None) -> int:
             return 0
         if not args.out:
             raise UsageError("--out DIR is required (the run directory)")
-        cfg = build_train_config(args)
-        from advfast.engine import Trainer
+        from advfast.config import check_path_text
 
-        trainer = Trainer(cfg, resume=args.resume, overwrite=args.overwrite)
+        check_path_text(args.out, "--out")
+        if args.config:
+            check_path_text(args.config, "--config")
+        cfg = build_train_config(args)
+        trainer = _make_trainer(cfg, args)
     except user_errors as e:
         if debug:
             raise
         return _fail(str(e).splitlines()[0] if str(e) else e.__class__.__name__)
-    from advfast.engine.trainer import TrainingDiverged
-
+    except RecursionError:  # a pathological input (a self-referencing value) that slipped past the caps
+        if debug:
+            raise
+        return _fail("the settings are nested too deeply (a self-referencing value?); check --config and --set")
+    # faults after the start (divergence, a checkpoint that cannot be written): one line, exit code 1
+    run_fault = getattr(trainer_module, "RunFault", trainer_module.TrainingDiverged)
     try:
         summary = trainer.fit()
-    except TrainingDiverged as e:
+    except run_fault as e:
         if debug:
             raise
         return _fail(str(e), code=1)

@@ -11,10 +11,22 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+# Image sides any run accepts (cfg.image_size, and an image folder's own size when it is not resized).
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 4, 1024
+# Every int setting must fit torch's int64 (seeds, step counts); epochs past this are a typo, not a plan.
+INT64_MAX = 2**63 - 1
+MAX_EPOCHS = 1_000_000
+# A config file or --set value larger or more deeply expanded than this is refused, not parsed.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000
+MAX_YAML_DEPTH = 32
 
 
 @dataclass
@@ -79,6 +91,19 @@ class TrainConfig:
     progress: bool = True  # tqdm progress bar on stderr
 
 
+def show(value: Any, limit: int = 80) -> str:
+    """repr() for messages, bounded in work and length: a huge or alias-expanded value never reaches a
+    message whole (reprlib stops at a few levels and items; the result is cut to ``limit``)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxdict, r.maxtuple, r.maxset, r.maxstring, r.maxother = 3, 6, 6, 6, 6, limit, limit
+    r.maxlong = 40
+    text = r.repr(value)
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def field_names(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
@@ -95,23 +120,31 @@ def apply_overrides(obj, overrides: dict[str, Any], where: str = "config"):
     float, "true" a bool) or rejected with one line. ``method_options`` is a plain dict and takes any
     keys: the method validates and coerces them against its Options dataclass."""
     if not isinstance(overrides, dict):
-        raise ValueError(f"{where} must be a mapping of keys to values, got {overrides!r}")
+        raise ValueError(f"{where} must be a mapping of keys to values, got {show(overrides)}")
     hints = _type_hints(type(obj)) if not isinstance(obj, dict) else {}
     for key, value in overrides.items():
+        if not isinstance(key, str):  # YAML keys may be numbers, null or dates
+            raise ValueError(f"{where} has a key {show(key)} that is not a name; keys are setting names such as epochs")
         if isinstance(obj, dict):
             obj[key] = value
             continue
         names = field_names(type(obj))
         if key not in names:
-            raise ValueError(f"unknown {where} key {key!r}{closest(key, names)}")
+            raise ValueError(f"unknown {where} key {show(key)}{closest(key, names)}")
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current) or isinstance(current, dict):
             if not isinstance(value, dict):
-                raise ValueError(f"{where}.{key} is a section; give it as a mapping, not {value!r}")
+                raise ValueError(f"{where}.{key} is a section; give it as a mapping, not {show(value)}")
             apply_overrides(current, value, f"{where}.{key}")
         else:
+            if key in _ON_OFF and isinstance(value, bool):  # channels_last: false means "off"
+                value = "on" if value else "off"
             setattr(obj, key, coerce(value, hints.get(key), f"{where}.{key}"))
     return obj
+
+
+# string options whose values include "on"/"off": a YAML true/false given for them means that word
+_ON_OFF = ("channels_last",)
 
 
 def _type_hints(cls) -> dict[str, Any]:
@@ -125,7 +158,10 @@ def parse_number(text: str) -> float | int | None:
         den = float(m.group(2))
         if den == 0:
             return None
-        return float(m.group(1)) / den
+        try:
+            return float(m.group(1)) / den
+        except OverflowError:
+            return math.inf
     try:
         return int(text)
     except ValueError:
@@ -140,7 +176,9 @@ _FRACTION = re.compile(r"([-+]?\d+(?:\.\d*)?)\s*/\s*(\d+(?:\.\d*)?)")
 
 
 def coerce(value: Any, hint: Any, where: str) -> Any:
-    """Coerce ``value`` to the annotated type ``hint`` (bool, int, float, str, or X | None)."""
+    """Coerce ``value`` to the annotated type ``hint`` (bool, int, float, str, or X | None).
+
+    Ints must fit int64; floats may be inf or nan here (validate() names the key that must be finite)."""
     if hint is None or hint is Any:
         return value
     args = typing.get_args(hint)
@@ -155,26 +193,101 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
             return value.strip().lower() in ("true", "yes", "on", "1")
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
-        raise ValueError(f"{where} must be true or false, got {value!r}")
+        raise ValueError(f"{where} must be true or false, got {show(value)}")
     if hint is int:
         if isinstance(value, str):
-            value = parse_number(value) if parse_number(value) is not None else value
-        if isinstance(value, float) and value.is_integer():
+            number = parse_number(value)
+            value = number if number is not None else value
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{where} must be an integer, got {value!r}")
+            raise ValueError(f"{where} must be an integer, got {show(value)}")
+        if not -INT64_MAX - 1 <= value <= INT64_MAX:
+            raise ValueError(f"{where} is too large for an integer setting (|value| < 2**63), got {show(value)}")
         return value
     if hint is float:
         if isinstance(value, str):
-            value = parse_number(value) if parse_number(value) is not None else value
+            number = parse_number(value)
+            value = number if number is not None else value
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{where} must be a number (e.g. 0.5 or 8/255), got {value!r}")
-        return float(value)
+            raise ValueError(f"{where} must be a number (e.g. 0.5 or 8/255), got {show(value)}")
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond the float range (10**400)
+            raise ValueError(f"{where} is too large for a number setting, got {show(value)}") from None
     if hint is str:
         if not isinstance(value, str):
-            raise ValueError(f"{where} must be a string, got {value!r}")
+            raise ValueError(f"{where} must be a string, got {show(value)} (quote it in YAML)")
         return value
     return value
+
+
+# ---- YAML (config files and --set values) -----------------------------------------------------------
+
+def _yaml_loader():
+    """A SafeLoader with YAML 1.2 booleans (only true/false: on/off/yes/no stay the strings written, so
+    ``channels_last: off`` means "off") and no merge keys (``<<`` can expand exponentially)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    bool_tag, merge_tag = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:merge"
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag not in (bool_tag, merge_tag)]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver(bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+    return Loader
+
+
+def load_yaml(text: str | bytes, where: str, invalid_as_text: bool = False) -> Any:
+    """Parse one YAML document from an untrusted source (a config file, a --set value), or raise a
+    one-line ValueError naming ``where``: at most MAX_YAML_BYTES, at most MAX_YAML_NODES values once
+    aliases are expanded and MAX_YAML_DEPTH levels deep (an alias bomb is refused, never expanded).
+    ``invalid_as_text``: text that is not YAML is returned as it is (a --set value)."""
+    import yaml
+
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{where} is not UTF-8 text (byte {e.start} is {text[e.start:e.start + 1]!r}); "
+                             f"save it as UTF-8") from None
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_YAML_BYTES:
+        raise ValueError(f"{where} is larger than {MAX_YAML_BYTES // 1024} KiB; a config holds a few settings")
+    try:
+        data = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        if invalid_as_text:  # a --set value that is not YAML is the text itself
+            return text
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        mark = getattr(e, "problem_mark", None)
+        at = f", line {mark.line + 1}" if mark is not None else ""
+        raise ValueError(f"{where} is not valid YAML ({first[:120]}{at})") from None
+    except RecursionError:
+        raise ValueError(f"{where} is nested too deeply to be a config") from None
+    if isinstance(data, dict) and "<<" in data:
+        raise ValueError(f"{where} uses a YAML merge key (<<), which config files do not support; write the keys out")
+    _check_expansion(data, where)
+    return data
+
+
+def _check_expansion(data: Any, where: str) -> None:
+    """Walk ``data`` as a consumer would (aliases visited once per reference), within the caps."""
+    stack, seen = [(data, 1)], 0
+    while stack:
+        node, depth = stack.pop()
+        seen += 1
+        if seen > MAX_YAML_NODES:
+            raise ValueError(f"{where} expands to more than {MAX_YAML_NODES} values (YAML aliases?); "
+                             f"a config holds a few settings")
+        if depth > MAX_YAML_DEPTH:
+            raise ValueError(f"{where} is nested deeper than {MAX_YAML_DEPTH} levels (or refers to itself)")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+            stack.extend((k, depth + 1) for k in node)
+        elif isinstance(node, (list, tuple, set)):
+            stack.extend((v, depth + 1) for v in node)
 
 
 def to_dict(cfg) -> dict[str, Any]:
@@ -200,18 +313,20 @@ _CHOICES = {
 
 
 def validate(cfg: TrainConfig) -> TrainConfig:
-    """Reject values no run can use, with one line naming the key and the fix."""
+    """Reject values no run can use, with one line naming the key and the fix: every option, every
+    backend name, every path the run reads or writes. Runs before anything touches the disk."""
     for key, options in _CHOICES.items():
         value = _get(cfg, key)
-        if value not in options:
-            raise ValueError(f"{key} must be one of {', '.join(options)}, got {value!r}{closest(str(value), options)}")
+        if not isinstance(value, str) or value not in options:
+            raise ValueError(f"{key} must be one of {', '.join(options)}, got {show(value)}"
+                             f"{closest(str(value), options) if isinstance(value, str) else ''}")
 
     def check(key, ok, need):
         value = _get(cfg, key)
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and ok(value)):
-            raise ValueError(f"{key} must be {need}, got {value!r}")
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and ok(value)):
+            raise ValueError(f"{key} must be {need}, got {show(value)}")
 
-    check("epochs", lambda v: v >= 1, "a positive integer")
+    check("epochs", lambda v: 1 <= v <= MAX_EPOCHS, f"a positive integer (at most {MAX_EPOCHS})")
     check("batch_size", lambda v: v >= 2, "at least 2 (contrastive losses need negatives)")
     check("temperature", lambda v: v > 0, "positive")
     check("seed", lambda v: v >= 0, "a non-negative integer")
@@ -232,18 +347,145 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         check("attack.alpha", lambda v: 0 <= v <= bound, f"in [0, {bound:g}] (e.g. 2/255)")
         check("attack.steps", lambda v: v >= 1, "a positive integer")
     if cfg.image_size is not None:
-        check("image_size", lambda v: 4 <= v <= 1024, "between 4 and 1024 pixels")
+        check("image_size", lambda v: MIN_IMAGE_SIZE <= v <= MAX_IMAGE_SIZE,
+              f"between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE} pixels")
     if cfg.max_steps is not None:
         check("max_steps", lambda v: v >= 1, "a positive integer")
-    if not (cfg.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", cfg.device)):
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    _check_numbers(cfg)  # whatever the checks above do not name: finite floats, int64 ints
+    if not (isinstance(cfg.device, str) and (cfg.device in ("auto", "cpu", "cuda")
+                                             or re.fullmatch(r"cuda:\d{1,4}", cfg.device))):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {show(cfg.device)}")
     if cfg.cuda_graph_attack and cfg.device == "cpu":
         raise ValueError("cuda_graph_attack captures CUDA graphs and needs a CUDA device, got device cpu; "
                          "leave it off on the CPU")
     if cfg.cuda_graph_attack and cfg.compile:
         raise ValueError("cuda_graph_attack and compile are not supported together (a compiled encoder "
                          "inside a hand-captured graph is untested); choose one")
+    if cfg.compile:
+        _check_compile_backend(cfg.compile_backend)
+    _check_names(cfg)
+    check_out_path(cfg.out)
+    if cfg.data_dir is not None:
+        check_path_text(cfg.data_dir, "data_dir (--data-dir)")
+    _validate_method(cfg)
     return cfg
+
+
+def _check_numbers(cfg) -> None:
+    """Every float field finite, every int field within int64, in every section."""
+    for section, prefix in ((cfg, ""), (cfg.attack, "attack."), (cfg.optim, "optim.")):
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            _check_number(f"{prefix}{f.name}", value)
+
+
+def _check_number(key: str, value: Any) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{key} must be a finite number, got {value}")
+    if isinstance(value, int) and not isinstance(value, bool) and not -INT64_MAX - 1 <= value <= INT64_MAX:
+        raise ValueError(f"{key} is too large for an integer setting (|value| < 2**63), got {show(value)}")
+
+
+def _check_compile_backend(name: Any) -> None:
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if not isinstance(name, str) or name not in known:
+        raise ValueError(f"compile_backend {show(name)} is not a torch.compile backend"
+                         f"{closest(str(name), known)}; e.g. inductor (the default) or aot_eager")
+
+
+def _check_names(cfg) -> None:
+    """The dataset and architecture exist (before any data is read: a typo should not wait for a download)."""
+    from advfast.data.datasets import DATASETS
+    from advfast.models import available_archs
+
+    if cfg.dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {show(cfg.dataset)}{closest(str(cfg.dataset), DATASETS)}; "
+                         f"choose from {', '.join(DATASETS)}")
+    archs = available_archs()
+    if cfg.arch not in archs:
+        raise ValueError(f"unknown arch {show(cfg.arch)}{closest(str(cfg.arch), archs)}; choose from {', '.join(archs)}")
+
+
+# the longest path and path component Linux file systems take (PATH_MAX, NAME_MAX)
+_PATH_MAX, _NAME_MAX = 4096, 255
+
+
+def check_path_text(path: Any, what: str) -> bytes:
+    """A path given as text: no control characters (they would break one-line messages, and NUL
+    cannot reach the OS), within PATH_MAX and NAME_MAX. Returns its bytes."""
+    if not isinstance(path, str) or not path.strip():
+        raise ValueError(f"{what} must be a path, got {show(path)}")
+    if any(ord(c) < 32 or ord(c) == 127 for c in path):
+        raise ValueError(f"{what} must not contain control characters (NUL, newline, ...), got {show(path)}")
+    try:
+        raw = os.fsencode(path)
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} cannot be encoded for the file system, got {show(path)}") from None
+    if len(raw) >= _PATH_MAX:
+        raise ValueError(f"{what} is {len(raw)} bytes long; paths are limited to {_PATH_MAX - 1}: "
+                         f"choose a shorter one ({show(path, 60)})")
+    for part in raw.split(b"/"):
+        if len(part) > _NAME_MAX:
+            raise ValueError(f"{what} has a name of {len(part)} bytes ({show(os.fsdecode(part), 40)}); "
+                             f"file systems allow {_NAME_MAX}: choose a shorter one")
+    return raw
+
+
+def check_out_path(out: Any) -> None:
+    """--out can become a directory: sane text, not a file, and its nearest existing ancestor is a folder."""
+    check_path_text(out, "out (--out)")
+    path = Path(out)
+    try:
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"output path {out} is a file; give --out a directory")
+        for parent in path.absolute().parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise ValueError(f"output directory {out} is not writable ({parent} is a file, not a "
+                                     f"directory); choose another --out")
+                break
+    except OSError as e:
+        raise ValueError(f"output directory {out} cannot be used ({e.strerror}); choose another --out") from None
+
+
+def _validate_method(cfg) -> None:
+    """The method, its variant and every method.* option: types, finite numbers, backend names, then the
+    method's own ``check_options`` (ranges, files) where it has one."""
+    from advfast.methods import METHODS  # here: advfast.methods imports this module
+
+    if cfg.method not in METHODS:
+        raise ValueError(f"unknown method {show(cfg.method)}{closest(str(cfg.method), METHODS)}; "
+                         f"choose from {', '.join(sorted(METHODS))}")
+    cls = METHODS[cfg.method]
+    cls.resolve_variant(cfg.variant)
+    options = cls.parse_options(cfg.method_options)
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        _check_number(f"method.{f.name}", value)
+        choices = _backend_choices(f.name)
+        if choices and value not in choices:
+            raise ValueError(f"method.{f.name} must be one of {', '.join(choices)}, got {show(value)}"
+                             f"{closest(str(value), choices)}")
+    check_options = getattr(cls, "check_options", None)
+    if check_options is not None:
+        check_options(options, cfg)
+
+
+def _backend_choices(option: str) -> tuple[str, ...]:
+    """The names a method's ``*_backend`` option takes ("auto" first); () for other options."""
+    if option == "loss_backend":
+        from advfast.ops.contrastive import IMPLEMENTED
+
+        return ("auto",) + tuple(IMPLEMENTED)
+    if option == "ema_backend":
+        from advfast.ops.ema import _IMPLEMENTED
+
+        return ("auto",) + tuple(_IMPLEMENTED)
+    if option == "kmeans_backend":
+        return ("torch", "sklearn")
+    return ()
 
 
 def _get(cfg, dotted: str):

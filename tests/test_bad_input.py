@@ -2,6 +2,7 @@
 traceback, and nothing in the output directory created or overwritten."""
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -205,6 +206,12 @@ def test_eval_with_an_encoder_of_another_arch(runs, tmp_path):
     """advfast-eval on a run whose encoder file came from another architecture."""
     run = _copy_run(runs["acl"], tmp_path / "acl")
     shutil.copy(runs["resnet18"] / "encoder.safetensors", run / "encoder.safetensors")
+    # its checksum recorded too, so the file is whole and the shape check is what answers
+    from advfast.io import file_sha256
+
+    meta = json.loads((run / "encoder.json").read_text())
+    meta["sha256"]["encoder.safetensors"] = file_sha256(run / "encoder.safetensors")
+    (run / "encoder.json").write_text(json.dumps(meta))
     r = _eval("--checkpoint", run, "--n-eval", "8", "--epochs", "1", "--no-plots", "--out", tmp_path / "eval")
     assert r.returncode == 2, r.stderr
     assert "Traceback" not in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr

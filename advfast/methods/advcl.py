@@ -115,10 +115,7 @@ class AdvCL(Method):
     def __init__(self, cfg, num_classes: int, mean, std):
         super().__init__(cfg, num_classes, mean, std)
         o = self.options
-        if o.attack_mode not in ("train", "eval"):
-            raise ValueError(f"method.attack_mode must be 'train' or 'eval', got {o.attack_mode!r}")
-        if o.ce_weight < 0 or o.base_temperature <= 0:
-            raise ValueError("method.ce_weight must be >= 0 and method.base_temperature > 0")
+        self.check_options(o, cfg, files=False)
         self.temperature = float(cfg.temperature)
         self.eval_branch = "pgd"
         norm = (mean, std) if o.normalize_input else (None, None)
@@ -132,34 +129,79 @@ class AdvCL(Method):
             for k in self.ks:  # persistent: a checkpoint carries them, so a resume sees the same labels
                 self.register_buffer(f"pseudo_{k}", labels[k])
 
-    # ---- pseudo labels -------------------------------------------------------------------------
-    def _load_pseudo_labels(self, cfg) -> dict[int, torch.Tensor]:
-        from advfast.data import load_dataset
-        from advfast.engine.trainer import dataset_kwargs
+    # ---- options and pseudo labels ----------------------------------------------------------------
+    @classmethod
+    def check_options(cls, o, cfg, files: bool = True) -> None:
+        """Every option's range and, with ``files``, the pseudo-label inputs (config.validate calls this
+        before the run directory is touched)."""
+        if o.attack_mode not in ("train", "eval"):
+            raise ValueError(f"method.attack_mode must be 'train' or 'eval', got {o.attack_mode!r}")
+        if not o.ce_weight >= 0:
+            raise ValueError(f"method.ce_weight must be >= 0 (0 trains without pseudo labels), got {o.ce_weight}")
+        if not o.base_temperature > 0:
+            raise ValueError(f"method.base_temperature must be > 0 (SupConLoss's 0.07), got {o.base_temperature}")
+        if o.hfc_radius is not None and not 0 <= o.hfc_radius < float("inf"):
+            raise ValueError(f"method.hfc_radius must be >= 0 pixels (None: 8 x H/32), got {o.hfc_radius}")
+        if o.head_hidden is not None and not 1 <= o.head_hidden <= 1 << 16:
+            raise ValueError(f"method.head_hidden must be a width in [1, 65536] (None: 512), got {o.head_hidden}")
+        if o.kmeans_backend not in ("torch", "sklearn"):
+            raise ValueError(f"method.kmeans_backend must be torch or sklearn, got {o.kmeans_backend!r}")
+        if not 0 <= o.kmeans_seed < 2**63:
+            raise ValueError(f"method.kmeans_seed must be a non-negative integer, got {o.kmeans_seed}")
+        if not o.ce_weight > 0:
+            return
+        parse_ks(o.cluster_ks)
+        if files:
+            cls._check_pseudo_label_inputs(o, cfg)
+
+    @staticmethod
+    def _check_pseudo_label_inputs(o, cfg) -> None:
+        from pathlib import Path
+
+        from advfast.config import show
         from advfast.methods import pseudo_labels as pl
 
-        o = self.options
         if o.pseudo_labels is None and o.pseudo_labels_from is None:
             raise ValueError(
                 "advcl needs ClusterFit pseudo labels: set method.pseudo_labels=FILE (made with "
                 f"`{pl.generator_command(cfg.dataset)}`, or the official .pkl) or method.pseudo_labels_from=RUN_DIR "
                 "(or method.ce_weight=0 to train without them)")
+        if o.pseudo_labels is not None:  # read, never written: it wins over a preset's pseudo_labels_from
+            path = Path(o.pseudo_labels)
+            if not path.is_file():
+                what = "is a folder, not a file" if path.is_dir() else "does not exist"
+                raise ValueError(f"method.pseudo_labels {show(o.pseudo_labels, 200)} {what}; give a labels file (made "
+                                 f"with `{pl.generator_command(cfg.dataset)}`, or the official .pkl)")
+            return
+        if o.pseudo_labels_from != "raw_pixels":
+            from advfast.engine.export import encoder_files
+
+            encoder_files(o.pseudo_labels_from)  # one line when the folder holds no exported encoder
+
+    def _load_pseudo_labels(self, cfg) -> dict[int, torch.Tensor]:
+        """{K: labels}. ``method.pseudo_labels=FILE`` is only read (never written, whatever
+        ``pseudo_labels_from`` says); ``pseudo_labels_from=raw_pixels`` computes them in memory;
+        ``pseudo_labels_from=RUN`` caches them in RUN as pseudo_labels_{dataset}.safetensors (advfast's
+        own documented cache next to the teacher's encoder)."""
+        from advfast.data import load_dataset
+        from advfast.engine.trainer import dataset_kwargs
+        from advfast.methods import pseudo_labels as pl
+
+        o = self.options
+        self._check_pseudo_label_inputs(o, cfg)
         dataset = load_dataset(cfg.dataset, cfg.data_dir, "train", cfg.download, **dataset_kwargs(cfg))
         n = len(dataset.labels)
-        if o.pseudo_labels_from is None:
+        if o.pseudo_labels is not None:
             return pl.load_pseudo_labels(o.pseudo_labels, num_images=n, ks=self.ks, dataset_name=cfg.dataset)
-        if o.pseudo_labels_from == "raw_pixels":
-            if o.pseudo_labels is None:  # cheap on the demo's small dataset: computed, not cached
-                device = "cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu"
-                feats = pl.raw_pixel_features(dataset.images, device)
-                return {k: (pl.kmeans(feats, k, seed=o.kmeans_seed) if o.kmeans_backend == "torch"
-                            else pl.kmeans_sklearn(feats, k, seed=o.kmeans_seed)).labels.cpu() for k in self.ks}
-            return pl.build_pseudo_labels(dataset, o.pseudo_labels, source="raw_pixels", ks=self.ks,
-                                          seed=o.kmeans_seed, kmeans_backend=o.kmeans_backend)
+        if o.pseudo_labels_from == "raw_pixels":  # cheap on the demo's small dataset: computed, not cached
+            device = "cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu"
+            feats = pl.raw_pixel_features(dataset.images, device)
+            return {k: (pl.kmeans(feats, k, seed=o.kmeans_seed) if o.kmeans_backend == "torch"
+                        else pl.kmeans_sklearn(feats, k, seed=o.kmeans_seed)).labels.cpu() for k in self.ks}
         from advfast.engine.export import encoder_files
 
         enc_weights = encoder_files(o.pseudo_labels_from)[0]
-        cache = o.pseudo_labels or str(enc_weights.parent / f"pseudo_labels_{cfg.dataset}.safetensors")
+        cache = enc_weights.parent / f"pseudo_labels_{cfg.dataset}.safetensors"
         return pl.build_pseudo_labels(dataset, cache, encoder=o.pseudo_labels_from, source="encoder", ks=self.ks,
                                       seed=o.kmeans_seed, kmeans_backend=o.kmeans_backend)
 

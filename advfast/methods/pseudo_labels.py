@@ -196,7 +196,26 @@ def save_pseudo_labels(out: str | os.PathLike, labels: dict[int, torch.Tensor], 
 
 def read_meta(path: str | os.PathLike) -> dict | None:
     side = sidecar_path(path)
-    return json.loads(side.read_text()) if side.is_file() else None
+    if not side.is_file():
+        return None
+    try:
+        meta = json.loads(side.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _existing_cache_meta(out: str | os.PathLike) -> dict | None:
+    """The sidecar of an advfast labels file at ``out`` (None when there is no file yet). Any other file
+    there is refused: advfast overwrites only a labels file it wrote itself (sidecar of its format)."""
+    out = Path(out)
+    if not out.exists():
+        return None
+    meta = read_meta(out)
+    if not out.is_file() or meta is None or meta.get("format") != FORMAT:
+        raise ValueError(f"{str(out)!r} exists and is not an advfast pseudo-label file (no {sidecar_path(out).name} "
+                         f"sidecar of format {FORMAT}); advfast does not overwrite it: choose another output path")
+    return meta
 
 
 def build_pseudo_labels(dataset, out: str | os.PathLike, *, encoder: str | os.PathLike | None = None,
@@ -226,7 +245,7 @@ def build_pseudo_labels(dataset, out: str | os.PathLike, *, encoder: str | os.Pa
             "num_images": int(len(dataset.labels)), "image_size": list(dataset.images.shape[-2:]),
             "ks": list(ks), "seed": int(seed),
             "kmeans": kmeans_backend}
-    old = read_meta(out) if Path(out).is_file() else None
+    old = _existing_cache_meta(out)
     if old is not None and not rebuild:
         if _cache_key(old) == _cache_key(meta):
             log(f"pseudo labels: reusing {out} (encoder sha256 and settings match)")
@@ -364,10 +383,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError:
         p.error(f"--ks must be comma-separated integers such as 2,10,50, got {a.ks!r}")
     size_kw = dataset_kwargs(SimpleNamespace(dataset=a.dataset, image_size=a.image_size))
-    ds = load_dataset(a.dataset, root=a.data_dir, split="train", download=a.download, **size_kw)
-    build_pseudo_labels(ds, a.out, encoder=a.encoder, source="raw_pixels" if a.raw_pixels else "encoder",
-                        ks=ks, seed=a.seed, kmeans_backend=a.kmeans, device=a.device, max_iter=a.max_iter,
-                        rebuild=a.rebuild, log=lambda m: print(m, file=sys.stderr))
+    try:
+        ds = load_dataset(a.dataset, root=a.data_dir, split="train", download=a.download, **size_kw)
+        build_pseudo_labels(ds, a.out, encoder=a.encoder, source="raw_pixels" if a.raw_pixels else "encoder",
+                            ks=ks, seed=a.seed, kmeans_backend=a.kmeans, device=a.device, max_iter=a.max_iter,
+                            rebuild=a.rebuild, log=lambda m: print(m, file=sys.stderr))
+    except (ValueError, TypeError, OSError, pickle.UnpicklingError) as e:  # bad input: one line, exit 2
+        if os.environ.get("ADVFAST_DEBUG"):
+            raise
+        print(f"{p.prog}: error: {(str(e).splitlines() or [type(e).__name__])[0]}", file=sys.stderr)
+        return 2
     print(a.out)
     return 0
 
