@@ -7,11 +7,12 @@ They differ in K, the k-means tolerance, the TRADES start and what the result is
 
 * LP-AFT (PKU-ML/DYNACL ``assign_label.py`` + ``LPAFT.py``, DynACL++ SLF/ALF): K = 10 also for
   CIFAR-100 (as coded), kmeans_pytorch tol 1e-4; the 'pgd' route converted to a single-BN ResNet,
-  fc zero-initialised; TRADES from x itself (no random start). With both TRADES forwards through the
-  same single-BN model in eval mode, KL(p(x) || p(x_adv)) has an exactly zero input gradient at
-  x_adv = x, so sign(0) = 0 never moves the attack: the official "adversarial" fine-tuning is clean
-  fine-tuning with a zero KL term (checked on the official trades_loss; docs/methods_dynacl_air.md).
-  ``trades_random_start`` = 0.001 (AIR's start) restores a working attack.
+  fc zero-initialised; TRADES from x itself (no random start). At x_adv = x the KL's input gradient is
+  only the rounding difference between log_softmax and softmax (~1e-19 in float64, ~1e-10 in float32,
+  nonzero on every pixel), so the first sign step goes in a rounding-noise direction, an arbitrary
+  +-alpha start; the later steps follow the true gradient (checked on the official trades_loss:
+  docs/methods_dynacl_air.md). advfast cannot match that first step bit for bit (its rounding differs);
+  ``trades_random_start`` = 0.001 (AIR's Gaussian start) is the well-defined alternative.
 * LP-AFF (GodXuxilie/Enhancing_ACL_via_AIR ``LP-AFF.py``, DynACL-AIR++): K = number of classes,
   tol 1e-5; dual-BN model kept, ``trades_loss_dual(natural_mode='pgd')`` with a 0.001 * randn start.
   (The script itself crashes after clustering on an unbound ``name``; the settings are what it means.)
