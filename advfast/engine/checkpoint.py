@@ -46,7 +46,7 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: 
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        _save_file(tensors, tmp, metadata)
         digest = file_sha256(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
@@ -58,6 +58,19 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: 
         raise
     fsync_dir(path.parent)
     return digest
+
+
+def _save_file(tensors, path, metadata) -> None:
+    """safetensors' save_file, its I/O failures (disk full, file too large) raised as the OSError they are."""
+    from safetensors import SafetensorError
+
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
 
 
 def _kill_point(step: int, stage: str) -> None:

@@ -37,8 +37,8 @@ class MetricLogger:
         rows = []
         if self.jsonl.exists():
             for line in self.jsonl.read_text(encoding="utf-8", errors="replace").splitlines():
-                row = _parse_row(line)
-                if row is not None and row["step"] <= step:
+                row = _parse_row(line)  # steps only grow: a repeated or out-of-order row is dropped
+                if row is not None and row["step"] <= step and (not rows or row["step"] > rows[-1]["step"]):
                     rows.append(row)
         atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in rows))
         header = self._csv_columns() or (list(rows[0]) if rows else None)
