@@ -87,6 +87,18 @@ def test_dynacl_schedule_levels_and_offset():
     assert ss.dynacl_strength(50, 1000) == ss.dynacl_strength(49, 1000) > ss.dynacl_strength(51, 1000)
 
 
+def test_aligned_weight_is_air_weight_in_dynacl_form():
+    # AIR/RCS align the weight with the strength; in DynACL's form w = 1 + air_adv_weight(s)
+    air = _official_air_run(1000, True)
+    for epoch in BOUNDARY_EPOCHS:
+        aligned = 1 + ss.air_adv_weight(ss.dynacl_strength(epoch, 1000, 50))
+        assert aligned == pytest.approx(1 + air[epoch][1], abs=1e-15)
+        if epoch % 50 == 0:  # DynACL's own weight is one step ahead exactly there
+            assert ss.dynacl_adv_weight(epoch, 1000, 50) == pytest.approx(aligned + (50 / 1000) * (2 / 3))
+        else:
+            assert ss.dynacl_adv_weight(epoch, 1000, 50) == pytest.approx(aligned)
+
+
 @pytest.mark.parametrize("epochs,levels", [(10, 5), (12, 5), (7, 3), (10, 20), (30, 20)])
 def test_scaled_step_schedules_match_official_loop(epochs, levels):
     k = ss.scaled_step(epochs, levels)
