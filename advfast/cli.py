@@ -29,7 +29,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description="Adversarial contrastive pre-training (ACL, AMOC, MoCo-PGD/FGSM, AdvCL, "
+    usage = (f"{PROG} --method METHOD --out DIR [options]\n       {PROG} --resume --out DIR [options]\n"
+             f"       {PROG} --list")
+    p = _Parser(prog=PROG, usage=usage, description="Adversarial contrastive pre-training (ACL, AMOC, MoCo-PGD/FGSM, AdvCL, "
                 "RoCL and the SimCLR / MoCo baselines). Example: advfast-train --method acl --dataset digits "
                 "--out runs/acl", allow_abbrev=False)
     p.add_argument("--list", action="store_true", help="list methods, variants and their presets, then exit")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
 import os
 import re
@@ -24,7 +25,7 @@ MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 4, 1024
 INT64_MAX = 2**63 - 1
 MAX_EPOCHS = 1_000_000
 # A config file or --set value larger or more deeply expanded than this is refused, not parsed.
-MAX_YAML_BYTES = 1 << 20
+MAX_YAML_BYTES = 64 * 1024  # parsing is ~10 us a value: 64 KiB parse in well under a second
 MAX_YAML_NODES = 100_000
 MAX_YAML_DEPTH = 32
 
@@ -224,18 +225,21 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
 
 # ---- YAML (config files and --set values) -----------------------------------------------------------
 
+@functools.lru_cache(maxsize=1)
 def _yaml_loader():
     """A SafeLoader with YAML 1.2 booleans (only true/false: on/off/yes/no stay the strings written, so
     ``channels_last: off`` means "off") and no merge keys (``<<`` can expand exponentially)."""
     import yaml
 
-    class Loader(yaml.SafeLoader):
+    base = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser when present: several times faster
+
+    class Loader(base):
         pass
 
     bool_tag, merge_tag = "tag:yaml.org,2002:bool", "tag:yaml.org,2002:merge"
     Loader.yaml_implicit_resolvers = {
         first: [(tag, rx) for tag, rx in resolvers if tag not in (bool_tag, merge_tag)]
-        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+        for first, resolvers in base.yaml_implicit_resolvers.items()}
     Loader.add_implicit_resolver(bool_tag, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
     return Loader
 
@@ -255,6 +259,7 @@ def load_yaml(text: str | bytes, where: str, invalid_as_text: bool = False) -> A
                              f"save it as UTF-8") from None
     if len(text.encode("utf-8", "surrogatepass")) > MAX_YAML_BYTES:
         raise ValueError(f"{where} is larger than {MAX_YAML_BYTES // 1024} KiB; a config holds a few settings")
+    _check_flow_depth(text, where)
     try:
         data = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as e:
@@ -270,6 +275,18 @@ def load_yaml(text: str | bytes, where: str, invalid_as_text: bool = False) -> A
         raise ValueError(f"{where} uses a YAML merge key (<<), which config files do not support; write the keys out")
     _check_expansion(data, where)
     return data
+
+
+def _check_flow_depth(text: str, where: str) -> None:
+    """Refuse deeply nested [ and { before parsing: PyYAML's scanner is quadratic in flow depth (10,000
+    levels take seconds). Brackets inside quoted strings count too: a config needs few of either."""
+    if text.count("[") + text.count("{") <= MAX_YAML_DEPTH:
+        return
+    depth = 0
+    for m in re.finditer(r"[\[\]{}]", text):
+        depth += 1 if m.group() in "[{" else -1
+        if depth > MAX_YAML_DEPTH:
+            raise ValueError(f"{where} is nested deeper than {MAX_YAML_DEPTH} levels")
 
 
 def _check_expansion(data: Any, where: str) -> None:
@@ -464,6 +481,9 @@ def _validate_method(cfg) -> None:
     for f in dataclasses.fields(options):
         value = getattr(options, f.name)
         _check_number(f"method.{f.name}", value)
+        top = _SIZE_OPTIONS.get(f.name)
+        if top is not None and value is not None and not (isinstance(value, int) and 1 <= value <= top):
+            raise ValueError(f"method.{f.name} must be a positive integer (at most {top}), got {show(value)}")
         choices = _backend_choices(f.name)
         if choices and value not in choices:
             raise ValueError(f"method.{f.name} must be one of {', '.join(choices)}, got {show(value)}"
@@ -471,6 +491,11 @@ def _validate_method(cfg) -> None:
     check_options = getattr(cls, "check_options", None)
     if check_options is not None:
         check_options(options, cfg)
+
+
+# widths and queue lengths of every method: positive, and small enough to allocate
+_SIZE_OPTIONS = {"head_hidden": 1 << 16, "queue_size": 1 << 24, "queue_size_clean": 1 << 24,
+                 "queue_size_adv": 1 << 24, "local_batch": 1 << 24}
 
 
 def _backend_choices(option: str) -> tuple[str, ...]:

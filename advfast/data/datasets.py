@@ -133,9 +133,11 @@ def _read_cifar_file(path: str, label_key: str) -> tuple[np.ndarray, np.ndarray]
         raise ValueError(f"CIFAR batch {path} lacks the 'data'/{label_key!r} entries; not a CIFAR python batch")
     data = np.asarray(entry["data"])
     labels = np.asarray(entry[label_key])
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
-        raise ValueError(f"CIFAR batch {path} holds data {data.dtype} {data.shape} and {len(labels)} labels; "
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != (len(data),):
+        raise ValueError(f"CIFAR batch {path} holds data {data.dtype} {data.shape} and labels {labels.shape}; "
                          f"expected uint8 (N, 3072) and N labels")
+    if labels.dtype.kind not in "iu":  # floats would be truncated, strings fail somewhere later
+        raise ValueError(f"CIFAR batch {path} has {labels.dtype} labels; expected integers (truncated or corrupt)")
     return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
 
 
@@ -161,11 +163,14 @@ def _load_cifar(name: str, root: str, split: str, download: bool) -> ImageDatase
         if not os.path.isfile(path):
             raise _missing(name, path, root)
         parts.append(_read_cifar_file(path, label_key))
+    for fname, (_, part_labels) in zip(files, parts):
+        bad = (part_labels < 0) | (part_labels >= num_classes)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise ValueError(f"{name}: {os.path.join(base, fname)} has label {int(part_labels[i])} at index {i}, "
+                             f"outside 0..{num_classes - 1} (corrupt file; delete it and re-download)")
     images = torch.from_numpy(np.concatenate([p[0] for p in parts]))
     labels = torch.from_numpy(np.concatenate([p[1] for p in parts]))
-    bad = (labels < 0) | (labels >= num_classes)
-    if bool(bad.any()):
-        raise ValueError(f"{name}: labels outside 0..{num_classes - 1} in {base}")
     return ImageDataset(images.contiguous(), labels, mean, std, num_classes, name)
 
 
@@ -193,9 +198,12 @@ def _read_stl_part(base: str, root: str, split: str) -> tuple[np.ndarray, np.nda
     if not os.path.isfile(ypath):
         raise _missing("stl10", ypath, root)
     labels = np.fromfile(ypath, dtype=np.uint8).astype(np.int64) - 1
-    if len(labels) != len(images) or labels.min(initial=0) < 0 or labels.max(initial=0) > 9:
-        raise ValueError(f"STL-10 labels {ypath} do not match {xpath}: {len(labels)} labels for "
-                         f"{len(images)} images, or values outside 1..10")
+    if len(labels) != len(images):
+        raise ValueError(f"STL-10 labels {ypath} do not match {xpath}: {len(labels)} labels for {len(images)} images")
+    bad = (labels < 0) | (labels > 9)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"STL-10 labels {ypath} hold {int(labels[i]) + 1} at index {i}, outside 1..10 (corrupt file)")
     return images, labels
 
 
@@ -262,11 +270,17 @@ def _load_synthetic(split: str, num_samples: int = 1024, image_size=32, channels
 
 # --- image folder ----------------------------------------------------------------------------------
 
+_MAX_PIXELS = 64 * 1024 * 1024
+
+
 def _read_image(path: str, size):
     from PIL import Image
 
     try:
         with Image.open(path) as img:
+            w, h = img.size
+            if w * h > _MAX_PIXELS:  # from the header, before a decompression bomb is decoded
+                raise ValueError(f"{w}x{h} is too large to load (at most {_MAX_PIXELS} pixels)")
             img.load()  # decodes now, so truncated files fail here with their name
             rgb = img.convert("RGB")
     except Exception as exc:
@@ -274,6 +288,16 @@ def _read_image(path: str, size):
     if size is not None:
         rgb = rgb.resize((size[1], size[0]), Image.BILINEAR)
     return np.asarray(rgb, dtype=np.uint8)
+
+
+def _check_image_side(path: str, shape) -> None:
+    """An image folder's own size (not resized) must be one a run takes, as --image-size must."""
+    from advfast.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
+
+    h, w = shape[:2]
+    if not (MIN_IMAGE_SIZE <= h <= MAX_IMAGE_SIZE and MIN_IMAGE_SIZE <= w <= MAX_IMAGE_SIZE):
+        raise ValueError(f"imagefolder: {path} is {w}x{h}; images must be between {MIN_IMAGE_SIZE} and "
+                         f"{MAX_IMAGE_SIZE} pixels a side: pass size=N (CLI: --image-size N) to resize all")
 
 
 def _load_imagefolder(root: str, split: str, size=None) -> ImageDataset:
@@ -295,6 +319,7 @@ def _load_imagefolder(root: str, split: str, size=None) -> ImageDataset:
             path = os.path.join(folder, fname)
             arr = _read_image(path, size)
             if first is None:
+                _check_image_side(path, arr.shape)
                 first = (path, arr.shape)
             elif arr.shape != first[1]:
                 raise ValueError(f"imagefolder: {path} is {arr.shape[1]}x{arr.shape[0]} but {first[0]} is "

@@ -176,7 +176,10 @@ class AdvCL(Method):
         if o.pseudo_labels_from != "raw_pixels":
             from advfast.engine.export import encoder_files
 
-            encoder_files(o.pseudo_labels_from)  # one line when the folder holds no exported encoder
+            try:
+                encoder_files(o.pseudo_labels_from)
+            except (OSError, ValueError) as e:  # the one-line reason, named after the option
+                raise ValueError(f"method.pseudo_labels_from: {e}") from None
 
     def _load_pseudo_labels(self, cfg) -> dict[int, torch.Tensor]:
         """{K: labels}. ``method.pseudo_labels=FILE`` is only read (never written, whatever

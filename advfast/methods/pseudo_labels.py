@@ -296,7 +296,11 @@ def load_pseudo_labels(path: str | os.PathLike, *, num_images: int, ks: Sequence
                          f"{generator_command(dataset_name or 'cifar10', str(path))}")
     ks = _check_ks(ks, num_images)
     if path.suffix == ".pkl":
-        arrays = read_official_pickle(path)
+        try:
+            arrays = read_official_pickle(path)
+        except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError) as e:
+            raise ValueError(f"pseudo-label file {str(path)!r} is not the official pickle of numpy arrays "
+                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     else:
         from safetensors.torch import load_file
 
@@ -304,7 +308,12 @@ def load_pseudo_labels(path: str | os.PathLike, *, num_images: int, ks: Sequence
         if meta is not None and dataset_name is not None and meta.get("dataset") != dataset_name:
             raise ValueError(f"pseudo labels {str(path)!r} were made for dataset {meta.get('dataset')!r}, "
                              f"not {dataset_name!r}; regenerate them for this dataset")
-        arrays = load_file(str(path))
+        try:
+            arrays = load_file(str(path))
+        except Exception as e:  # safetensors' own error type: not a labels file (or a damaged one)
+            raise ValueError(f"pseudo-label file {str(path)!r} is not a safetensors file of labels "
+                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); give a generator "
+                             f".safetensors or the official .pkl") from None
     out = {}
     for k in ks:
         key = f"pseudo_train_{k}"

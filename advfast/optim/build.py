@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from advfast.config import OptimConfig
@@ -29,6 +31,9 @@ def _tensors(params):
 
 def build_optimizer(params, cfg: OptimConfig) -> torch.optim.Optimizer:
     """SGD (fused on CUDA) or LARS over ``params`` (tensors or param-group dicts)."""
+    for key in ("lr", "momentum", "weight_decay", "lars_eta"):  # nan would train on silently, or not at all
+        if not math.isfinite(getattr(cfg, key)):
+            raise ValueError(f"optim.{key} must be a finite number, got {getattr(cfg, key)}")
     if cfg.name not in OPTIMIZERS:
         raise ValueError(f"optim.name must be one of {OPTIMIZERS}, got {cfg.name!r}")
     params = _materialise(params)
@@ -51,8 +56,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_pe
         raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {cfg.schedule!r}")
     if steps_per_epoch < 1 or epochs < 1:
         raise ValueError(f"steps_per_epoch and epochs must be >= 1, got {steps_per_epoch} and {epochs}")
-    if cfg.warmup_epochs < 0:
-        raise ValueError(f"optim.warmup_epochs must be >= 0, got {cfg.warmup_epochs}")
+    if not 0 <= cfg.warmup_epochs < math.inf:
+        raise ValueError(f"optim.warmup_epochs must be a finite number >= 0, got {cfg.warmup_epochs}")
     total = int(steps_per_epoch) * int(epochs)
-    warmup = min(total, int(round(cfg.warmup_epochs * steps_per_epoch)))
+    # cut to the run before scaling: 1e308 epochs of warmup times the steps would overflow
+    warmup = min(total, int(round(min(cfg.warmup_epochs, epochs) * steps_per_epoch)))
     return WarmupCosineLR(optimizer, total, warmup, cfg.warmup_start_lr, cfg.min_lr, cfg.schedule)
