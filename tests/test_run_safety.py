@@ -126,6 +126,16 @@ def test_overwrite_refuses_a_folder_advfast_did_not_make(tmp_path, capsys):
     assert tree(folder) == before
 
 
+def test_a_new_run_never_replaces_a_users_file_named_like_a_run_file(tmp_path, capsys):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "metrics.csv").write_text("my,own,table\n")
+    for flags in ([], ["--overwrite"]):
+        assert train_main([*ARGV, *flags, "--out", str(folder)]) == 2
+        assert "not an advfast run directory" in one_line_error(capsys)
+    assert tree(folder) == {"metrics.csv": hashlib.sha256(b"my,own,table\n").hexdigest()}
+
+
 def test_overwrite_removes_only_advfast_files(trained, tmp_path):
     run = copy_run(trained, tmp_path / "run")
     foreign = {"notes.txt": "mine", "checkpoints/readme.txt": "mine too", "tb/keep.me": "and this"}

@@ -35,9 +35,11 @@ class NotARunDirectory(ValueError):
 
 
 def holds_run(path: Path) -> bool:
-    """Something in ``path`` looks like a run (advfast's or not): a new run must not start there."""
+    """Something in ``path`` looks like a run (advfast's or not): a new run must not start there, and a
+    file of that name that advfast did not write is never replaced."""
     path = Path(path)
-    return any((path / name).exists() for name in (RUN_FILE, CHECKPOINTS, "metrics.jsonl", MARKER))
+    return any((path / name).exists() for name in (*RUN_FILES, CHECKPOINTS, MARKER)) or \
+        (path.is_dir() and any(_ENCODER_BRANCH.fullmatch(p.name) for p in path.iterdir()))
 
 
 def run_file_is_advfast(path: Path) -> bool:
@@ -69,12 +71,15 @@ def check_run_dir(path: Path, resume: bool, overwrite: bool) -> None:
         raise ValueError("--resume and --overwrite exclude each other: resume continues a run, overwrite discards it")
     if path.exists() and not path.is_dir():
         raise ValueError(f"output path {path} is a file; give --out a directory")
-    if holds_run(path) and not (resume or overwrite):
+    if not holds_run(path):
+        return
+    if not is_advfast_run(path):
+        raise NotARunDirectory(f"{path} holds files named like a run's but is not an advfast run directory (no "
+                               f"{MARKER} marker and no advfast {RUN_FILE}); advfast deletes and writes nothing "
+                               f"there: choose another --out")
+    if not (resume or overwrite):
         raise ValueError(f"output directory {path} already holds a run; pass --resume to continue it, "
                          f"--overwrite to replace it, or choose another --out")
-    if overwrite and holds_run(path) and not is_advfast_run(path):
-        raise NotARunDirectory(f"{path} is not an advfast run directory (no {MARKER} marker and no advfast "
-                               f"{RUN_FILE}); --overwrite deletes nothing there: choose another --out")
 
 
 def prepare_run_dir(path: Path, resume: bool, overwrite: bool) -> Path:
