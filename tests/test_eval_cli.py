@@ -81,3 +81,118 @@ def test_bad_input_is_one_line_with_exit_code_2(digits_run, tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert "Traceback" not in proc.stderr
         assert proc.stderr.strip().count("\n") == 0 and "error" in proc.stderr
+
+
+# --- results first, optional steps skipped, the scored classifier saved -------------------------------
+
+def test_results_are_written_when_plotting_cannot_run(digits_run, tmp_path, monkeypatch, capsys):
+    # matplotlib missing (None in sys.modules makes its import fail): plots are skipped with one line each
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    out = tmp_path / "noplots"
+    rc = eval_main(["--checkpoint", str(digits_run), "--protocol", "slf", "--attacks", "pgd20", "--epochs", "1",
+                    "--n-eval", "16", "--out", str(out), "--no-progress"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert 0 <= res["clean_accuracy"] <= 1 and "pgd20" in res["robust_accuracy"]
+    assert "| SA (clean) |" in (out / "results.md").read_text()
+    assert set(res["skipped"]) == {"tsne", "eps_curve plot", "training_curves"}
+    assert all("matplotlib" in why for why in res["skipped"].values())
+    assert res["plots"] == {} and not list(out.glob("*.png"))
+    # the eps curve is still computed, and says which images it used
+    assert res["eps_curve"]["n_images"] == 16 and len(res["eps_curve"]["accuracy"]) == 5
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    notes = [line for line in err.splitlines() if "skipped:" in line]
+    assert len(notes) == 3 and all(line.startswith("[advfast-eval] ") for line in notes)
+    assert (out / "classifier.safetensors").is_file() and (out / "classifier.json").is_file()
+
+
+def test_results_exist_before_the_plots_run(digits_run, tmp_path, monkeypatch):
+    import advfast.eval.run as run
+
+    seen = {}
+
+    def crash_plots(cfg, *args):
+        seen["results"] = json.loads((tmp_path / "o" / "results.json").read_text())
+        raise KeyboardInterrupt  # anything, even an interrupt, after the results are on disk
+
+    monkeypatch.setattr(run, "_plots", crash_plots)
+    with pytest.raises(KeyboardInterrupt):
+        eval_main(["--checkpoint", str(digits_run), "--epochs", "1", "--n-eval", "8", "--attacks", "pgd20,fgsm",
+                   "--out", str(tmp_path / "o"), "--no-progress"])
+    assert set(seen["results"]["robust_accuracy"]) == {"pgd20", "fgsm"}
+    assert seen["results"]["classifier"]["weights"].endswith("classifier.safetensors")
+
+
+@pytest.mark.parametrize("protocol", ["slf", "aff"])
+def test_saved_classifier_reloads_to_the_same_logits(digits_run, tmp_path, protocol):
+    import torch
+
+    from advfast.eval import load_classifier
+    from advfast.eval.finetune import Classifier
+    from advfast.eval.pretrained import load_pretrained
+    from advfast.eval.saved_classifier import save_classifier
+
+    encoder, meta = load_pretrained(str(digits_run))
+    model = Classifier(encoder, 10, frozen=protocol == "slf", zero_init_head=False)
+    if protocol == "aff":  # fine-tuned weights differ from the pre-trained ones: they must be the saved ones
+        with torch.no_grad():
+            for p in model.encoder.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+    model.eval()
+    save_classifier(model, str(tmp_path), checkpoint=str(digits_run), bn_branch=meta["bn_branch"],
+                    protocol=protocol, num_classes=10)
+    record = json.loads((tmp_path / "classifier.json").read_text())
+    assert record["kind"] == ("linear_head" if protocol == "slf" else "full_model") and len(record["sha256"]) == 64
+    x = torch.rand(6, 3, 16, 16)
+    again = load_classifier(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+    # a damaged weights file is refused in one line
+    data = bytearray((tmp_path / "classifier.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (tmp_path / "classifier.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="SHA-256"):
+        load_classifier(tmp_path)
+
+
+def test_evaluated_classifier_reproduces_its_clean_accuracy(digits_run, tmp_path):
+    import torch
+
+    from advfast.data import load_dataset
+    from advfast.eval import load_classifier
+
+    out = tmp_path / "e"
+    assert eval_main(["--checkpoint", str(digits_run), "--epochs", "1", "--n-eval", "40", "--attacks", "fgsm",
+                      "--out", str(out), "--no-plots", "--no-progress"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    model = load_classifier(out)
+    test = load_dataset("digits", split="test", size=16)
+    with torch.no_grad():
+        pred = model(test.images[:40].float() / 255).argmax(1)
+    assert float((pred == test.labels[:40]).float().mean()) == pytest.approx(res["clean_accuracy"], abs=1e-6)  # 1/40 apart
+
+
+@pytest.mark.parametrize("args,named", [
+    (["--lr", "nan"], "--lr"), (["--lr", "inf"], "--lr"), (["--smoothing", "-1"], "--smoothing"),
+    (["--protocol", "slff"], "--protocol"), (["--epochs", "0"], "--epochs"), (["--n-eval", "-3"], "--n-eval"),
+])
+def test_bad_flags_are_one_line_exit_2_and_write_nothing(digits_run, tmp_path, capsys, args, named):
+    with pytest.raises(SystemExit) as stop:
+        eval_main(["--checkpoint", str(digits_run), *args, "--out", str(tmp_path / "o")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and named in err and "usage:" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_out_that_is_a_file_is_refused_before_fine_tuning(digits_run, tmp_path, capsys):
+    target = tmp_path / "results.txt"
+    target.write_text("mine")
+    for out in (target, target / "sub"):
+        assert eval_main(["--checkpoint", str(digits_run), "--out", str(out), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and ("is an existing file" in err or "which is a file" in err)
+        assert "epoch" not in err  # refused before the fine-tune
+    assert target.read_text() == "mine"

@@ -5,6 +5,10 @@ The full numerical suite over every backend lives with the Python wrappers (advf
 checks the raw torch.ops.advfast ops so that a build problem shows up here first.
 """
 
+import os
+import shutil
+import subprocess
+
 import pytest
 import torch
 
@@ -264,6 +268,40 @@ def test_pgd_step_rejects_zero_dim_and_meta_mismatch():
 def test_ema_update_rejects_bad_arguments(ema, src, m, exc, match):
     with pytest.raises(exc, match=match):
         ops().ema_update_(ema, src, m)
+
+
+# --- what the CUDA build carries (no GPU needed) -------------------------------------------------
+
+def _cuobjdump() -> str | None:
+    """cuobjdump of the CUDA toolkit (on PATH, under CUDA_HOME, or /usr/local/cuda)."""
+    for candidate in (shutil.which("cuobjdump"), os.path.join(os.environ.get("CUDA_HOME", ""), "bin", "cuobjdump"),
+                      "/usr/local/cuda/bin/cuobjdump"):
+        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def test_cuda_build_carries_sass_for_sm80_sm90_and_ptx_for_newer_gpus():
+    # default TORCH_CUDA_ARCH_LIST "8.0;9.0+PTX": a GPU newer than sm_90 JIT-compiles the sm_90 PTX
+    # instead of failing with "no kernel image is available"
+    if not _ext.extension_has_cuda():
+        pytest.skip("advfast._C was built without its CUDA kernels (no CUDA toolkit or a CPU build of torch "
+                    "at build time): no device code to check")
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("cuobjdump (CUDA toolkit) not found: set CUDA_HOME or put it on PATH")
+    import advfast._C as ext
+
+    def listing(flag):
+        proc = subprocess.run([tool, flag, ext.__file__], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, f"{tool} {flag} failed: {proc.stderr.strip()}"
+        return proc.stdout
+
+    ptx, elf = listing("--list-ptx"), listing("--list-elf")
+    assert ".ptx" in ptx, f"advfast._C carries no PTX (rebuild with TORCH_CUDA_ARCH_LIST ending in +PTX):\n{ptx}"
+    if os.environ.get("TORCH_CUDA_ARCH_LIST") is None:  # the default build
+        assert "sm_90" in ptx, ptx
+        assert "sm_80" in elf and "sm_90" in elf, elf
 
 
 # --- CUDA kernels (run where a GPU is present) ---------------------------------------------------

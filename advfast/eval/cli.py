@@ -3,41 +3,73 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from advfast.eval.protocols import PROTOCOLS
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Input errors end in one line and exit code 2, not the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind, low: float, low_inclusive: bool, what: str):
+    """An argparse type: a finite number of `kind` that is > low (>= low when low_inclusive)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (value == low and not low_inclusive) \
+                or abs(value) > 2 ** 63 - 1:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _OneLineParser(
         prog="advfast-eval",
         description="Evaluate a pre-trained encoder: SLF (linear, clean), ALF (linear, PGD-10) or AFF "
                     "(full TRADES fine-tuning), scored by clean accuracy and test-time attacks.")
     p.add_argument("--checkpoint", required=True,
                    help="an advfast-train run directory, or its encoder.safetensors / a checkpoint file")
-    p.add_argument("--protocol", default="slf", choices=PROTOCOLS + ("aff_long",))
+    p.add_argument("--protocol", default="slf", choices=PROTOCOLS + ("aff_long",),
+                   help="slf, alf, aff (25 epochs on CIFAR-type data), or aff_long: AFF with the 100-epoch "
+                        "schedule of ACL's README (lr /10 at 40 and 60; not for digits)")
     p.add_argument("--bn-branch", default=None,
                    help="BatchNorm branch of the encoder to evaluate (default: the method's eval branch)")
     p.add_argument("--attacks", default="pgd20",
                    help="comma-separated: pgd20, pgd20-2x, fgsm, l2-0.25, l2-0.5, l1-7.84, l1-12, autoattack")
     p.add_argument("--eps", type=_fraction, default=None,
                    help="l_inf budget of pgd20 / autoattack and of ALF/AFF training attacks (default 8/255)")
-    p.add_argument("--n-eval", type=int, default=None, help="evaluate on the first N test images")
+    p.add_argument("--n-eval", type=_number(int, 1, True, "a whole number >= 1"), default=None,
+                   help="evaluate on the first N test images")
     p.add_argument("--dataset", default=None, help="default: the pre-training dataset")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--download", action="store_true")
     p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--smoothing", type=int, default=0,
+    p.add_argument("--seed", type=_number(int, 0, True, "a whole number >= 0"), default=0)
+    p.add_argument("--smoothing", type=_number(int, 0, True, "a number of samples >= 0"), default=0,
                    help="RoCL's transformation-smoothed inference with this many samples (0: off)")
     p.add_argument("--corruptions-dir", default=None, help="a CIFAR-10-C directory for corruption accuracy")
-    p.add_argument("--epochs", type=int, default=None, help="override the protocol's epochs")
-    p.add_argument("--lr", type=float, default=None, help="override the protocol's learning rate")
+    p.add_argument("--epochs", type=_number(int, 1, True, "a whole number >= 1"), default=None,
+                   help="override the protocol's epochs")
+    p.add_argument("--lr", type=_number(float, 0.0, False, "a finite learning rate > 0"), default=None,
+                   help="override the protocol's learning rate")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                    help="arithmetic of the model under attack (default fp32; perturbations are always fp32)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--no-plots", action="store_true")
-    p.add_argument("--out", required=True, help="directory for results.json, results.md and plots")
+    p.add_argument("--no-plots", action="store_true",
+                   help="skip the optional plots (t-SNE, accuracy against eps, training curves); results.json, "
+                        "results.md and the classifier are written either way, before any plot")
+    p.add_argument("--out", required=True,
+                   help="directory for results.json, results.md, the scored classifier and plots")
     return p
 
 
@@ -61,9 +93,6 @@ def eval_main(argv: list[str] | None = None) -> int:
     from advfast.eval.run import EvalConfig, evaluate
 
     overrides = {k: v for k, v in (("epochs", args.epochs), ("lr", args.lr)) if v is not None}
-    if args.n_eval is not None and args.n_eval < 1:
-        print("advfast-eval: error: --n-eval must be at least 1", file=sys.stderr)
-        return 2
     cfg = EvalConfig(checkpoint=args.checkpoint, protocol=args.protocol, out=args.out, bn_branch=args.bn_branch,
                      attacks=args.attacks, eps=args.eps, n_eval=args.n_eval, dataset=args.dataset,
                      data_dir=args.data_dir, download=args.download, device=args.device, seed=args.seed,
@@ -75,6 +104,9 @@ def eval_main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError, KeyError) as exc:
         print(f"advfast-eval: error: {exc}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:  # a fault during fine-tuning, not an input error
+        print(f"advfast-eval: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
