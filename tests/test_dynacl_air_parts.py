@@ -157,6 +157,33 @@ def test_strength_view_matches_official_transforms(strength, interp):
     assert ss.strength_views(strength, interp) == (view, view)
 
 
+@pytest.mark.parametrize("backend", ["torch", "torchvision"])
+def test_strength_views_drive_the_augmentation_backends(backend):
+    from advfast.data.augment import build_augment
+
+    n = 1024 if backend == "torch" else 256  # torchvision samples image by image
+    shape = (n, 3, 32, 32)
+    for strength, jitter_p, gray_p in ((1.0, 0.8, 0.2), (0.05, 0.04, 0.01)):
+        aug = build_augment(ss.strength_views(strength, "bicubic"), backend)
+        params = aug.sample_params(n, shape, torch.Generator().manual_seed(0))
+        assert len(params) == 2
+        for p in params:
+            area = (p["box"][:, 2] * p["box"][:, 3]).double() / (32 * 32)
+            lo = 1 - 0.9 * strength
+            assert area.min() >= lo - 0.05 and area.max() <= 1.0  # crop areas in the scale range (+ rounding)
+            if strength < 1:
+                assert area.mean() > lo
+            # seeded draws: the binomial tolerances (> 5 sigma) never fail by chance
+            assert abs(p["jitter"].double().mean().item() - jitter_p) < 5 * math.sqrt(jitter_p * (1 - jitter_p) / n) + 1e-3
+            assert abs(p["gray"].double().mean().item() - gray_p) < 5 * math.sqrt(gray_p * (1 - gray_p) / n) + 1e-3
+            f = p["factors"]
+            assert f[:, 0].min() >= 1 - 0.4 * strength - 1e-6 and f[:, 0].max() <= 1 + 0.4 * strength + 1e-6
+            assert f[:, 3].abs().max() <= 0.1 * strength + 1e-6
+        images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+        views = aug(images, torch.Generator().manual_seed(1))
+        assert [tuple(v.shape) for v in views] == [(4, 3, 32, 32)] * 2
+
+
 def test_full_strength_view_is_simclr_cifar():
     p = ss.strength_params(1.0)
     assert p["crop_scale"] == pytest.approx((0.1, 1.0)) and p["jitter_p"] == 0.8 and p["gray_p"] == 0.2
