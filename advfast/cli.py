@@ -94,8 +94,10 @@ def _load_yaml(path: str) -> dict[str, Any]:
     try:
         if p.is_dir():
             raise UsageError(f"--config {path} is a folder; give a YAML file")
-        if not p.is_file():
+        if not p.exists():
             raise UsageError(f"--config {path}: no such file")
+        if not p.is_file():
+            raise UsageError(f"--config {path} is not a regular file; give a YAML file")
         with open(p, "rb") as f:  # at most one byte past the cap: a huge file is refused unread
             raw = f.read(MAX_YAML_BYTES + 1)
     except OSError as e:
@@ -187,6 +189,8 @@ def check_allow_change(keys: list[str], cfg) -> tuple[str, ...]:
 
     known = config_keys(cfg)
     for key in keys:
+        if key in RESUMABLE_KEYS:
+            raise UsageError(f"--allow-change {key} is not needed: {key} may change on any resume; drop it")
         if key not in known:
             raise UsageError(f"--allow-change {show(key, 60)} is not a setting{closest(key, known)}; "
                              f"give a dotted key such as optim.lr")
@@ -286,8 +290,9 @@ def train_main(argv: list[str] | None = None) -> int:
     from advfast.engine.checkpoint import CheckpointError
 
     debug = bool(os.environ.get("ADVFAST_DEBUG"))
+    # OverflowError: a number too large for what it sizes (checked up front where known; this is the net)
     user_errors = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError, yaml.YAMLError,
-                   CheckpointError)
+                   CheckpointError, OverflowError)
     try:
         args = _parser().parse_args(argv)
         if args.list:

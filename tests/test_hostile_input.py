@@ -138,6 +138,21 @@ def test_malicious_yaml(run_copy, tmp_path, capsys, content, needles):
     assert len(err) < 400  # huge values are cut, never repr()'d whole
 
 
+def test_alias_bomb_through_the_real_entry_point(tmp_path):
+    """The in-process cases above stand for the console script; here is one through it, for the bomb."""
+    import os
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "bomb.yaml"
+    cfg.write_text(_bomb())
+    r = subprocess.run([sys.executable, "-m", "advfast.train", "--config", str(cfg), "--out", str(tmp_path / "r")],
+                       capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"--config {cfg} expands to more than 100000 values" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bomb.yaml"]
+
+
 def test_alias_bomb_in_a_set_value(run_copy, tmp_path, capsys):
     value = "[" + ", ".join(["&a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"] + ["*a"] * 12000) + "]"
     _refused(capsys, tmp_path, ["--method", "acl", *TINY, "--set", f"method.x={value}"], "--set 'method.x'",
@@ -318,6 +333,7 @@ def test_allow_change_keys_are_checked(run_copy, tmp_path, capsys):
     refused(["--resume", "--allow-change", "optim.lrr"], "--allow-change 'optim.lrr' is not a setting",
             "(did you mean 'optim.lr'?)")
     refused(["--resume", "--allow-change", "arch"], "the arch of a run never changes")
+    refused(["--resume", "--allow-change", "max_steps"], "--allow-change max_steps is not needed")
     refused(["--resume", "--set", "optim.lr=0.01"], "optim.lr cannot change", "--allow-change KEY")
     refused(["--resume", "--allow-change", "optim.lr", "--set", "optim.lr=nan"], "optim.lr must be positive, got nan")
 

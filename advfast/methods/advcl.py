@@ -56,6 +56,7 @@ from advfast.ops.contrastive import nt_xent
 # must not find it already imported through this package.
 
 BRANCHES = ("normal", "pgd", "pgd_ce")
+MAX_CLUSTERS = 1 << 20  # a K beyond this is a typo (the official largest is 500), not a head to allocate
 
 
 def advcl_preset(dataset: str) -> dict[str, Any]:
@@ -75,6 +76,12 @@ def advcl_preset(dataset: str) -> dict[str, Any]:
                 attack=dict(kind="pgd", norm="linf", eps=8 / 255, alpha=2 / 255, steps=5, random_start=True))
 
 
+def _show(value) -> str:
+    from advfast.config import show
+
+    return show(value)
+
+
 def parse_ks(value) -> tuple[int, ...]:
     """"2,10,50" or [2, 10, 50] -> (2, 10, 50)."""
     try:
@@ -82,10 +89,10 @@ def parse_ks(value) -> tuple[int, ...]:
             ks = tuple(int(v) for v in value.replace(" ", "").split(",") if v)
         else:
             ks = tuple(int(v) for v in value)
-    except (TypeError, ValueError):
-        raise ValueError(f"method.cluster_ks must be cluster counts such as 2,10,50, got {value!r}") from None
-    if not ks or min(ks) < 2 or len(set(ks)) != len(ks):
-        raise ValueError(f"method.cluster_ks must be distinct counts >= 2, got {value!r}")
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"method.cluster_ks must be cluster counts such as 2,10,50, got {_show(value)}") from None
+    if not ks or min(ks) < 2 or max(ks) > MAX_CLUSTERS or len(set(ks)) != len(ks):
+        raise ValueError(f"method.cluster_ks must be distinct counts in [2, {MAX_CLUSTERS}], got {_show(value)}")
     return ks
 
 

@@ -320,7 +320,10 @@ def load_pseudo_labels(path: str | os.PathLike, *, num_images: int, ks: Sequence
         if key not in arrays:
             have = sorted(a for a in arrays if a.startswith("pseudo_train_"))
             raise ValueError(f"{str(path)!r} has no {key}; it holds {have}: set method.cluster_ks to a subset")
-        v = torch.as_tensor(arrays[key]).to(torch.int64).flatten()
+        v = torch.as_tensor(arrays[key])
+        if v.dtype.is_floating_point or v.dtype.is_complex or v.dtype == torch.bool:
+            raise ValueError(f"{key} in {str(path)!r} holds {v.dtype} values; labels are integers")
+        v = v.to(torch.int64).flatten()
         if v.numel() != num_images:
             raise ValueError(f"{key} in {str(path)!r} has {v.numel()} labels but the dataset has "
                              f"{num_images} images; regenerate them for this dataset")
