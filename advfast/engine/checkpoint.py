@@ -129,6 +129,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, *, model_state: dict[str, torch.T
     stem = f"ckpt-{step:09d}"
     digest = atomic_save_tensors(ckpt_dir / f"{stem}.safetensors", tensors, metadata={"format": FORMAT},
                                  _before_replace=lambda: _kill_point(step, "tensors"))
+    _remember_hash(ckpt_dir / f"{stem}.safetensors", digest)  # pruning verifies it without reading it again
     _kill_point(step, "json")
     record = dict(meta, format=FORMAT, step=step, tensors=f"{stem}.safetensors", sha256=digest, optimizer=optim_meta)
     json_path = ckpt_dir / f"{stem}.json"
@@ -181,6 +182,11 @@ def _sha256_cached(path: Path) -> str:
             _HASHED.clear()
         _HASHED[key] = file_sha256(path)
     return _HASHED[key]
+
+
+def _remember_hash(path: Path, digest: str) -> None:
+    st = path.stat()
+    _HASHED[(str(path), st.st_size, st.st_mtime_ns)] = digest
 
 
 def verify_checkpoint(json_path: Path) -> str | None:
