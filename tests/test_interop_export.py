@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from advfast.engine.export import export_encoder, load_encoder
+from advfast.engine.export import export_encoder
 from advfast.interop import InteropError, check_exportable, load_published, robustssl_state_dict, save_robustssl
 from advfast.interop.cli import export_main
 from advfast.models import build_encoder, to_single_branch
@@ -122,9 +122,9 @@ def test_cli_exports_a_run_directory(tmp_path, capsys):
     payload = torch.load(out, weights_only=True)
     assert payload["advfast"]["pgd_branch"] == "pgd" and payload["advfast"]["normal_branch"] == "normal"
     x = torch.rand(2, 3, 16, 16, dtype=torch.float64)
+    encoder = encoder.double()
     with torch.no_grad():
-        run_pgd = load_encoder(run)[0].double()(x)
-        run_normal = load_encoder(run, "normal")[0].double()(x)
+        run_pgd, run_normal = encoder(x, "pgd"), encoder(x, "normal")
         slf, aff = benchmark_models(out)
         torch.testing.assert_close(slf(x), run_pgd, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(aff(x, "normal"), run_normal, rtol=1e-9, atol=1e-9)

@@ -54,7 +54,8 @@ def test_test_settings_data_and_leaderboard_form():
     assert isinstance(config, ProtocolConfig)
     assert (config.protocol, config.epochs, config.milestones, config.trades_beta) == ("aff", 100, (40, 60), 6.0)
     assert set(PRETRAINING_OF_FORMAT) <= set(FORMATS) and set(PRETRAINING_OF_FORMAT.values()) <= set(PRETRAINING)
-    with pytest.raises(ValueError, match=r"unknown --pretraining method 'DynACL-AIR\+' \(did you mean 'DynACL-AIR\+\+'"):
+    expected = r"unknown --pretraining method 'DynACL-AIR\+' \(did you mean 'DynACL-AIR\+\+'"
+    with pytest.raises(ValueError, match=expected):
         finetune_settings("DynACL-AIR+")
     with pytest.raises(ValueError, match="unknown downstream dataset 'svhn'"):
         data_settings("svhn")

@@ -30,13 +30,15 @@ from dataclasses import dataclass, field
 BENCHMARK = "GodXuxilie/RobustSSL_Benchmark@19dc714 Finetuning_Methods/Vanilla_Finetuning"
 MODES = ("SLF", "ALF", "AFF")
 # --pretraining choices of vanilla_finetuning.py
-PRETRAINING = ("ACL", "AdvCL", "A-InfoNCE", "DeACL", "DynACL", "DynACL++", "DynACL-AIR", "DynACL-AIR++", "DynACL-RCS")
+PRETRAINING = ("ACL", "AdvCL", "A-InfoNCE", "DeACL", "DynACL", "DynACL++", "DynACL-AIR", "DynACL-AIR++",
+               "DynACL-RCS")
 # the --pretraining name the benchmark uses for a checkpoint of each advfast.interop format
 PRETRAINING_OF_FORMAT = {"acl": "ACL", "dynacl": "DynACL", "advcl": "AdvCL", "a-infonce": "A-InfoNCE",
                          "deacl": "DeACL", "robustssl": "DynACL"}
 DOWNSTREAM = ("cifar10", "cifar100", "stl10")
-CORRUPTIONS = ("shot_noise", "gaussian_noise", "impulse_noise", "contrast", "zoom_blur", "motion_blur", "glass_blur",
-               "defocus_blur", "snow", "pixelate", "brightness", "fog", "jpeg_compression", "elastic_transform", "frost")
+CORRUPTIONS = ("shot_noise", "gaussian_noise", "impulse_noise", "contrast", "zoom_blur", "motion_blur",
+               "glass_blur", "defocus_blur", "snow", "pixelate", "brightness", "fog", "jpeg_compression",
+               "elastic_transform", "frost")
 
 
 @dataclass(frozen=True)
@@ -169,7 +171,8 @@ def default_dual_bn(pretraining: str | None, pretrain_dataset: str, downstream: 
 
 
 def finetune_settings(pretraining: str | None = None, downstream: str = "cifar10", pretrain_dataset: str = "cifar10",
-                      resize: int = 32, mode_all: bool = True, dual_bn: bool | None = None) -> dict[str, FinetuneSettings]:
+                      resize: int = 32, mode_all: bool = True,
+                      dual_bn: bool | None = None) -> dict[str, FinetuneSettings]:
     """The fine-tuning schedule of each mode, as ``vanilla_finetuning.py --pretraining P --mode ALL`` runs it.
 
     ``pretraining`` is one of PRETRAINING, or None for an encoder the benchmark does not list (the

@@ -65,7 +65,8 @@ def robustssl_state_dict(eval_encoder: nn.Module, normal_encoder: nn.Module | No
             out[f"{target}.bn_list.1.{field}"] = _cpu(value)
         else:
             if not torch.equal(value, normal[key]):
-                raise InteropError(f"the BN branches disagree on the shared weight {key}; export branches of one encoder")
+                raise InteropError(f"the BN branches disagree on the shared weight {key}; "
+                                   "export branches of one encoder")
             out[f"{target}.{field}"] = _cpu(value)
     norm = getattr(eval_encoder, "normalize", None)
     if isinstance(norm, nn.Identity) or norm is None:

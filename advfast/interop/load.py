@@ -99,8 +99,7 @@ def _encoder_prefix(state: dict, spec: PublishedFormat, path: Path) -> str:
         if f"{prefix}conv1.weight" in state:
             return prefix
     looks = describe_layout(state)
-    hint = f"; it looks like a {looks} checkpoint (use --from {looks.split()[0]})" if looks and not looks.startswith(
-        spec.name) else ""
+    hint = f"; it looks like --from {looks}" if looks and not looks.startswith(spec.name) else ""
     wanted = " or ".join(f"{p}conv1.weight" for p in spec.encoder_prefixes)
     raise InteropError(f"{path} is not a {spec.name} checkpoint: no {wanted} key{hint}")
 
@@ -134,8 +133,8 @@ def _select_branch(state: dict, spec: PublishedFormat, bn_branch: str | None, pa
     else:
         if spec.bn != "plain" and any(".bn_" in k for k in state):
             looks = describe_layout(state)
-            raise InteropError(f"{path}: its BN keys are not {spec.name}'s"
-                               + (f"; it looks like a {looks} checkpoint" if looks else ""))
+            hint = f"; it looks like --from {looks}" if looks else ""
+            raise InteropError(f"{path}: its BN keys are not {spec.name}'s{hint}")
         if bn_branch not in (None, "normal"):
             raise InteropError(f"{path} has a single BatchNorm per layer; there is no branch {bn_branch!r} to pick")
         branches, selected = ("normal",), shared

@@ -114,7 +114,8 @@ def resolve_global(module: str, name: str):
         return AttributeDict
     if module.split(".")[0] in _LIGHTNING_ROOTS:
         return _lightning_stand_in(module, name)
-    raise pickle.UnpicklingError(f"refused global {module}.{name} (not on advfast's allow-list of checkpoint payload types)")
+    raise pickle.UnpicklingError(f"refused global {module}.{name} "
+                                 "(not on advfast's allow-list of checkpoint payload types)")
 
 
 class AllowListUnpickler(pickle.Unpickler):
