@@ -488,9 +488,24 @@ def _validate_method(cfg) -> None:
         if choices and value not in choices:
             raise ValueError(f"method.{f.name} must be one of {', '.join(choices)}, got {show(value)}"
                              f"{closest(str(value), choices)}")
+        if choices and f.name != "kmeans_backend" and value != "auto":
+            _check_backend_runs(f"method.{f.name}", value, cfg.device)
     check_options = getattr(cls, "check_options", None)
     if check_options is not None:
         check_options(options, cfg)
+
+
+def _check_backend_runs(key: str, backend: str, device: str) -> None:
+    """A backend asked for by name must run on the run's device here (not fail at step 1)."""
+    import torch
+
+    from advfast.ops._dispatch import unavailable_reason
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    reason = unavailable_reason(backend, torch.device(device))
+    if reason is not None:
+        raise ValueError(f"{key}={backend} cannot run on {device} here ({reason}); use auto")
 
 
 # widths and queue lengths of every method: positive, and small enough to allocate

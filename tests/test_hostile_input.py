@@ -105,6 +105,12 @@ def test_unknown_backend_names(run_copy, tmp_path, capsys, method, setting, need
     _refused(capsys, tmp_path, ["--method", method, *tiny(method), "--set", setting], *needles)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a CUDA-only backend asked for on a CPU-only machine")
+def test_a_backend_that_cannot_run_here(run_copy, tmp_path, capsys):
+    _refused(capsys, tmp_path, ["--method", "moco", *tiny("moco"), "--set", "method.ema_backend=cuda"],
+             "method.ema_backend=cuda cannot run on cpu here", "use auto")
+
+
 def test_unknown_compile_backend(run_copy, tmp_path, capsys):
     _refused(capsys, tmp_path, ["--method", "acl", *TINY, "--set", "compile=true", "--set", "compile_backend=inductr"],
              "compile_backend 'inductr' is not a torch.compile backend", "(did you mean 'inductor'?)")
@@ -315,6 +321,11 @@ def test_generator_never_overwrites_a_file_it_did_not_write(tmp_path):
     assert pl.main(["--raw-pixels", "--dataset", "synthetic", "--image-size", "4", "--ks", "2",
                     "--out", str(notes)]) == 2
     assert notes.read_text() == "precious"
+    for bad in (["--seed", str(10**30)], ["--max-iter", "0"], ["--kmeans", "faiss"]):  # one line, exit 2
+        with pytest.raises(SystemExit) as exit_info:
+            pl.main(["--raw-pixels", "--dataset", "synthetic", "--ks", "2", "--out", str(tmp_path / "l.st"), *bad])
+        assert exit_info.value.code == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
 # ---- --resume --allow-change, --help, --list -------------------------------------------------------

@@ -366,8 +366,14 @@ def read_official_pickle(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 # ---- CLI -----------------------------------------------------------------------------------------
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit code 2, not the usage block
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m advfast.methods.pseudo_labels",
+    p = _OneLineParser(prog="python -m advfast.methods.pseudo_labels",
                                 description="ClusterFit pseudo labels for AdvCL: k-means over encoder features.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--encoder", help="advfast run dir holding encoder.safetensors + encoder.json")
@@ -393,7 +399,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         ks = [int(k) for k in a.ks.split(",") if k.strip()]
     except ValueError:
-        p.error(f"--ks must be comma-separated integers such as 2,10,50, got {a.ks!r}")
+        p.error(f"--ks must be comma-separated integers such as 2,10,50, got {a.ks[:80]!r}")
+    if not 0 <= a.seed < 2**63:
+        p.error(f"--seed must be a non-negative integer below 2**63, got {a.seed}")
+    if a.max_iter < 1:
+        p.error(f"--max-iter must be at least 1, got {a.max_iter}")
     size_kw = dataset_kwargs(SimpleNamespace(dataset=a.dataset, image_size=a.image_size))
     try:
         ds = load_dataset(a.dataset, root=a.data_dir, split="train", download=a.download, **size_kw)
