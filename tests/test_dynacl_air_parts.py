@@ -334,6 +334,44 @@ def test_within_cluster_ss_is_the_kmeans_objective():
     assert within_cluster_ss(x, labels, 3) == pytest.approx(manual, rel=1e-12)
 
 
+# ---- the DynACL step transcription (tests/official_dynacl_step.py) ---------------------------------
+
+
+def _load_step_transcription():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).with_name("official_dynacl_step.py")
+    spec = importlib.util.spec_from_file_location("official_dynacl_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_step_transcription_nt_xent_equals_advfast_nt_xent_on_view_major_rows():
+    ods = _load_step_transcription()
+    z = torch.randn(12, 5, dtype=torch.float64, requires_grad=True)  # rows 2i, 2i+1: image i
+    view_major = z.view(6, 2, 5).transpose(0, 1).reshape(12, 5)
+    a, b = ods.official_nt_xent(z), nt_xent(view_major, 2, temperature=0.5, backend="torch")
+    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.autograd.grad(a, z)[0], torch.autograd.grad(b, z)[0], rtol=1e-10, atol=1e-12)
+
+
+def test_step_transcription_swap_and_ema():
+    ods = _load_step_transcription()
+    q = lambda x, bn: x.flatten(1) * 2  # noqa: E731
+    k = lambda x, bn: x.flatten(1) * 3  # noqa: E731
+    x = torch.randn(6, 2, 1, 1, dtype=torch.float64)
+    f = ods.swap_features(q, k, x, "pgd")
+    torch.testing.assert_close(f[::2], 2 * x[::2].flatten(1))
+    torch.testing.assert_close(f[1::2], 3 * x[1::2].flatten(1))
+    mq, mk = torch.nn.Linear(3, 2).double(), torch.nn.Linear(3, 2).double()
+    expected = [0.99 * pk.detach() + 0.01 * pq.detach() for pq, pk in zip(mq.parameters(), mk.parameters())]
+    ods.official_ema_update(mq, mk)
+    for e, pk in zip(expected, mk.parameters()):
+        torch.testing.assert_close(pk.detach(), e, rtol=0, atol=1e-15)
+
+
 # ---- post-processing settings ----------------------------------------------------------------------
 
 
