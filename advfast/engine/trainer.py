@@ -257,21 +257,23 @@ class Trainer:
         return [{"key": k, "from": theirs.get(k), "to": mine.get(k)} for k in self.allow_change
                 if mine.get(k) != theirs.get(k)]
 
-    def _apply_changes(self) -> None:
-        """After the checkpoint is loaded: optimiser settings that were allowed to change take effect (the
-        checkpoint restored the old ones). lr and min_lr rescale the schedule, which keeps its shape."""
-        changed = {c["key"]: c for c in self._changes}
-        if "optim.lr" in changed and changed["optim.lr"]["from"]:
-            ratio = float(changed["optim.lr"]["to"]) / float(changed["optim.lr"]["from"])
-            self.scheduler.base_lrs = [b * ratio for b in self.scheduler.base_lrs]
-            for group in self.optimizer.param_groups:
-                group["lr"] *= ratio
-                if "initial_lr" in group:
-                    group["initial_lr"] *= ratio
-        if "optim.min_lr" in changed:
+    def _apply_changes(self, saved_config: dict) -> None:
+        """After the checkpoint is loaded: the optimiser settings named in allow_change take effect (the
+        checkpoint restored its own). An lr rescales the schedule from the checkpoint's lr, which keeps
+        its shape; the others are set as given."""
+        if "optim.lr" in self.allow_change:
+            old = _flat(saved_config).get("optim.lr")
+            if isinstance(old, (int, float)) and old > 0 and old != self.cfg.optim.lr:
+                ratio = float(self.cfg.optim.lr) / float(old)
+                self.scheduler.base_lrs = [b * ratio for b in self.scheduler.base_lrs]
+                for group in self.optimizer.param_groups:
+                    group["lr"] *= ratio
+                    if "initial_lr" in group:
+                        group["initial_lr"] *= ratio
+        if "optim.min_lr" in self.allow_change:
             self.scheduler.min_lr = float(self.cfg.optim.min_lr)
         for name in ("weight_decay", "momentum"):
-            if f"optim.{name}" in changed:
+            if f"optim.{name}" in self.allow_change:
                 for group in self.optimizer.param_groups:
                     if name in group:
                         group[name] = getattr(self.cfg.optim, name)
@@ -355,7 +357,7 @@ class Trainer:
                                        f"(another run's? {detail[:200]}); resume with the run's own settings or "
                                        f"choose another --out") from None
         self.step = int(meta["step"])
-        self._apply_changes()
+        self._apply_changes(meta["config"])
         rng = parts["rng"]
         self._epoch_start_rng = {k[len("epoch."):]: v for k, v in rng.items() if k.startswith("epoch.")}
         self._resume_rng = {k[len("now."):]: v for k, v in rng.items() if k.startswith("now.")}
