@@ -13,6 +13,8 @@ from advfast.methods.coreset_rcs import RCSSettings, minmax_kl, rcs_select, val_
 from advfast.models import build_head
 
 D64 = torch.float64
+# the transcription calls KLDivLoss(reduction="mean") as the official code does; torch warns its meaning will change
+pytestmark = pytest.mark.filterwarnings("ignore:reduction. 'mean' divides:UserWarning")
 
 
 class TinyDualBN(nn.Module):
