@@ -267,6 +267,12 @@ def test_branch_choice_matters_and_wrong_branch_fails(built):
         normal = load_published(path, "acl", bn_branch="normal")[0].double()(x)
         torch.testing.assert_close(normal, reference(x, "normal"), rtol=1e-9, atol=1e-9)
         assert not torch.allclose(normal, reference(x, "pgd"))
+    both, meta = load_published(path, "acl", keep_branches=True)  # for dual-BN fine-tuning (the benchmark's AFF)
+    assert both.branches == ("normal", "pgd") and meta["bn_branch"] == "pgd"
+    with torch.no_grad():
+        both = both.double()
+        for branch in ("normal", "pgd"):
+            torch.testing.assert_close(both(x, branch), reference(x, branch), rtol=1e-9, atol=1e-9)
     with pytest.raises(InteropError, match=r"branch 'adv' is not in this acl file \(it has normal, pgd\)"):
         load_published(path, "acl", bn_branch="adv")
     rocl, _ = built("rocl")

@@ -27,15 +27,18 @@ _RENAMES = ((".downsample.conv.", ".downsample.0."), (".downsample.bn.", ".downs
 
 
 def load_published(path, fmt: str, bn_branch: str | None = None, dataset: str = "cifar10",
-                   image_size: int = 32):
+                   image_size: int = 32, keep_branches: bool = False):
     """(advfast encoder in eval mode on the CPU, metadata) from a checkpoint saved by an official code base.
 
     ``fmt`` is one of advfast.interop.FORMATS (acl, dynacl, advcl, a-infonce, deacl, solo-learn, rocl,
     amoc, robustssl); ``bn_branch`` overrides the format's evaluation branch for dual-BN files
     ('normal'/'pgd'/'pgd_ce' for bn_list layouts, 'clean'/'adv' for AMOC). ``dataset`` and
     ``image_size`` describe the pre-training data (the published checkpoints are CIFAR, 32x32).
+    With ``keep_branches`` a multi-BN file gives a multi-branch encoder holding all its branches (named as
+    the official code names them, e.g. ('normal', 'pgd')), for dual-BN fine-tuning such as the RobustSSL
+    benchmark's AFF; ``meta['bn_branch']`` is then the evaluation branch.
     The metadata has the keys advfast-eval reads from an advfast export (dataset, image_size,
-    bn_branch, arch, mean, std, feat_dim) plus format, method, source, epoch and dropped_keys.
+    bn_branch, arch, mean, std, feat_dim) plus format, method, source, epoch, branches and dropped_keys.
     """
     from advfast.interop import archs  # noqa: F401  (registers resnet18_solo)
     from advfast.models import build_encoder
@@ -52,16 +55,27 @@ def load_published(path, fmt: str, bn_branch: str | None = None, dataset: str = 
             encoder_state[key[len(prefix):]] = value
         else:
             dropped += 1  # heads, projectors, classifiers, the other encoder of a momentum pair
-    single, file_branches = _select_branch(encoder_state, spec, bn_branch, path)
+    shared, per_branch, file_branches = _split_branches(encoder_state, spec, bn_branch, path)
+    branch = bn_branch or (spec.eval_branch if per_branch else "normal")
+    if keep_branches and per_branch:
+        single = _rename(shared)
+        for name in file_branches:
+            for key, value in _rename(per_branch[name]).items():
+                module, _, leaf = key.rpartition(".")
+                single[f"{module}.bns.{name}.{leaf}"] = value
+        encoder_branches = file_branches
+    else:
+        single = _rename(dict(shared, **per_branch.get(branch, {})))
+        encoder_branches = (branch,)
     mean, std = _normalisation(single, spec)
     arch = _arch(single, spec, path)
-    branch = bn_branch or (spec.eval_branch if len(file_branches) > 1 else "normal")
-    encoder = build_encoder(arch, bn_branches=(branch,), mean=mean, std=std)
+    encoder = build_encoder(arch, bn_branches=encoder_branches, mean=mean, std=std)
     encoder = encoder.to(torch.float32)
     _check_and_load(encoder, single, spec, path, arch)
     meta = {
         "format": spec.name, "method": spec.method, "source": str(path), "arch": arch,
         "build_args": dict(encoder.build_args), "bn_branch": branch, "branches": list(file_branches),
+        "encoder_branches": list(encoder_branches),
         "feat_dim": int(encoder.feat_dim), "mean": None if mean is None else list(mean),
         "std": None if std is None else list(std), "dataset": dataset, "image_size": int(image_size),
         "epoch": _epoch(payload), "encoder_prefix": prefix, "dropped_keys": dropped,
@@ -104,8 +118,9 @@ def _encoder_prefix(state: dict, spec: PublishedFormat, path: Path) -> str:
     raise InteropError(f"{path} is not a {spec.name} checkpoint: no {wanted} key{hint}")
 
 
-def _select_branch(state: dict, spec: PublishedFormat, bn_branch: str | None, path: Path):
-    """(single-BN state with advfast's key names, branch names found in the file)."""
+def _split_branches(state: dict, spec: PublishedFormat, bn_branch: str | None, path: Path):
+    """(entries shared by all branches, {branch: its BN entries}, branch names in the file's order);
+    BN entries are keyed without their branch segment, other names are still the file's."""
     per_branch: dict[str, dict] = {}
     shared: dict = {}
     for key, value in state.items():
@@ -129,22 +144,25 @@ def _select_branch(state: dict, spec: PublishedFormat, bn_branch: str | None, pa
         if branch not in per_branch:
             raise InteropError(f"{path}: BN branch {branch!r} is not in this {spec.name} file (it has "
                                f"{', '.join(branches)})")
-        selected = dict(shared, **per_branch[branch])
-    else:
-        if spec.bn != "plain" and any(".bn_" in k for k in state):
-            looks = describe_layout(state)
-            hint = f"; it looks like --from {looks}" if looks else ""
-            raise InteropError(f"{path}: its BN keys are not {spec.name}'s{hint}")
-        if bn_branch not in (None, "normal"):
-            raise InteropError(f"{path} has a single BatchNorm per layer; there is no branch {bn_branch!r} to pick")
-        branches, selected = ("normal",), shared
+        return shared, per_branch, branches
+    if spec.bn != "plain" and any(".bn_" in k for k in state):
+        looks = describe_layout(state)
+        hint = f"; it looks like --from {looks}" if looks else ""
+        raise InteropError(f"{path}: its BN keys are not {spec.name}'s{hint}")
+    if bn_branch not in (None, "normal"):
+        raise InteropError(f"{path} has a single BatchNorm per layer; there is no branch {bn_branch!r} to pick")
+    return shared, {}, ("normal",)
+
+
+def _rename(state: dict) -> dict:
+    """The official downsample / shortcut names -> advfast's (torchvision's) downsample.0 / .1."""
     out = {}
-    for key, value in selected.items():
+    for key, value in state.items():
         key = "." + key
         for old, new in _RENAMES:
             key = key.replace(old, new)
         out[key[1:]] = value
-    return out, branches
+    return out
 
 
 def _normalisation(state: dict, spec: PublishedFormat):
