@@ -83,6 +83,7 @@ def _refused(capsys, tmp_path, argv, *needles, out=None):
     (["--set", "method.queue_size=" + str(10**12), "--method", "moco"], "method.queue_size must be a positive integer"),
     (["--set", "attack.steps=1.5"], "attack.steps must be an integer, got 1.5"),
     (["--set", "device=cuda:123456"], "device must be auto, cpu, cuda or cuda:N"),
+    (["--image-size", "512"], "digits: size must be an int in [4, 256] (the images are 8x8)"),  # ~2 GB of 8x8 digits
 ])
 def test_bad_numbers(run_copy, tmp_path, capsys, argv, needle):
     method = argv[argv.index("--method") + 1] if "--method" in argv else "acl"
@@ -275,8 +276,14 @@ def test_a_named_labels_file_is_read_and_never_written(tmp_path, capsys):
     assert torch.equal(saved, torch.from_numpy(arrays["pseudo_train_10"]))  # the file's labels were used
 
 
+def test_a_labels_path_that_is_no_regular_file(run_copy, tmp_path, capsys):
+    _refused(capsys, tmp_path, [*ADVCL, "--set", "method.pseudo_labels=/dev/null"],
+             "method.pseudo_labels '/dev/null' is not a regular file")
+    _refused(capsys, tmp_path, [*ADVCL, "--set", f"method.pseudo_labels={tmp_path}"], "is a folder, not a file")
+
+
 @pytest.mark.parametrize("content,needle", [
-    (b"my notes, not labels\n", "has no pseudo_train_2"),  # read as safetensors: refused, not replaced
+    (b"my notes, not labels\n", "is not a safetensors file of labels"),  # refused, not replaced
     (None, "does not exist"),
 ])
 def test_a_wrong_labels_file_is_refused_untouched(run_copy, tmp_path, capsys, content, needle):
@@ -291,7 +298,8 @@ def test_a_wrong_labels_file_is_refused_untouched(run_copy, tmp_path, capsys, co
         before = _snapshot(tmp_path)
         code = train_main([str(a) for a in argv] + ["--overwrite", "--out", str(tmp_path / "run")])
         err = capsys.readouterr().err
-        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err and "notes.txt" in err, err
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert f"pseudo-label file '{path}' {needle}" in err, err
         assert _snapshot(tmp_path) == before
 
 

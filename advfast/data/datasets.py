@@ -224,6 +224,7 @@ def _load_stl10(root: str, split: str, download: bool) -> ImageDataset:
 
 DIGITS_SEED = 0
 DIGITS_TEST_FRACTION = 0.2
+DIGITS_MAX_SIZE = 256
 
 
 def _digits_all(size: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
@@ -242,8 +243,9 @@ def _digits_all(size: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
 
 def _load_digits(split: str, size: int = 32) -> ImageDataset:
     _check_split("digits", split, ("train", "test"))
-    if not isinstance(size, int) or size < 4:
-        raise ValueError(f"digits: size must be an int >= 4, got {size!r}")
+    if not isinstance(size, int) or isinstance(size, bool) or not 4 <= size <= DIGITS_MAX_SIZE:
+        # the images are 8x8: far past that an upscale only costs memory (1024 would take ~13 GB)
+        raise ValueError(f"digits: size must be an int in [4, {DIGITS_MAX_SIZE}] (the images are 8x8), got {size!r}")
     images, labels, order = _digits_all(size)
     n_test = int(round(len(order) * DIGITS_TEST_FRACTION))
     train_idx, test_idx = np.sort(order[n_test:]), np.sort(order[:n_test])
@@ -312,7 +314,9 @@ def _load_imagefolder(root: str, split: str, size=None) -> ImageDataset:
     arrays, labels, first = [], [], None
     for label, cls in enumerate(classes):
         folder = os.path.join(base, cls)
-        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
+        # regular files only: a FIFO or device named x.png would block or never end
+        files = sorted(f for f in os.listdir(folder)
+                       if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, f)))
         if not files:
             raise ValueError(f"imagefolder: class folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         for fname in files:

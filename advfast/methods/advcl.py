@@ -176,7 +176,8 @@ class AdvCL(Method):
         if o.pseudo_labels is not None:  # read, never written: it wins over a preset's pseudo_labels_from
             path = Path(o.pseudo_labels)
             if not path.is_file():
-                what = "is a folder, not a file" if path.is_dir() else "does not exist"
+                what = ("is a folder, not a file" if path.is_dir() else
+                        "is not a regular file" if path.exists() else "does not exist")
                 raise ValueError(f"method.pseudo_labels {show(o.pseudo_labels, 200)} {what}; give a labels file (made "
                                  f"with `{pl.generator_command(cfg.dataset)}`, or the official .pkl)")
             return
