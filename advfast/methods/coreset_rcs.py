@@ -215,6 +215,7 @@ def rcs_select(backbone: Callable[[torch.Tensor, str], torch.Tensor], head: nn.M
             raise ValueError(f"the selection loader gave {nb} batches, fewer than the {k} to select")
         summaries = torch.stack(summaries)
         stacked = [torch.stack([g[i] for g in full]) for i in range(len(run.names))]
+        del full  # the stacked copies are all the greedy steps need
         padded = torch.full((nb, max(r.numel() for r in index_rows)), -1, dtype=torch.long, device=summaries.device)
         for i, r in enumerate(index_rows):
             padded[i, :r.numel()] = r
@@ -222,18 +223,20 @@ def rcs_select(backbone: Callable[[torch.Tensor, str], torch.Tensor], head: nn.M
         chosen, gains = [], []
         for j in range(k):
             gain = (summaries @ g_val).masked_fill(~remaining, -math.inf)
-            r = torch.argmax(gain)  # first maximum in loader order, as argmax over the official index_list
-            chosen.append(r)
-            gains.append(gain[r])
+            r = torch.argmax(gain).view(1)  # first maximum in loader order, as argmax over the official index_list
+            chosen.append(r)  # index_select below, never gain[r]: a 0-d index tensor may be read back to the host
+            gains.append(gain.index_select(0, r))
             if j == k - 1:
                 break
             for _ in range(settings.step_repeats):
-                run.params = {n: run.params[n] - settings.lr * stacked[i][r] for i, n in enumerate(run.names)}
+                run.params = {n: run.params[n] - settings.lr * stacked[i].index_select(0, r).squeeze(0)
+                              for i, n in enumerate(run.names)}
             g_val = run.val_grad(val_x, h_val)
-            remaining = remaining.index_fill(0, r.view(1), False)
-        batches = torch.stack(chosen)
-        rows = padded[batches].reshape(-1)
-        return RCSSelection(indices=rows[rows >= 0].cpu(), batches=batches.cpu(), gains=torch.stack(gains).cpu())
+            remaining = remaining.index_fill(0, r, False)
+        batches = torch.cat(chosen)
+        rows = padded.index_select(0, batches).reshape(-1)
+        rows = rows[rows >= 0]  # the one read-back of the selection
+        return RCSSelection(indices=rows.cpu(), batches=batches.cpu(), gains=torch.cat(gains).cpu())
     finally:
         for m, mode in zip(modules, modes):
             m.train(mode)
