@@ -143,3 +143,37 @@ def test_imagefolder(tmp_path):
         load_dataset("imagefolder", root=tmp_path, size=6)
     with pytest.raises(ValueError, match="no class sub-folders"):
         load_dataset("imagefolder", root=tmp_path / "bird")
+
+
+def test_labels_out_of_range_or_not_integers_name_the_file(tmp_path):
+    base, _ = _write_cifar(tmp_path)
+    entry = pickle.loads((base / "data_batch_4").read_bytes())
+    entry["labels"][2] = 12
+    (base / "data_batch_4").write_bytes(pickle.dumps(entry))
+    with pytest.raises(ValueError, match=r"data_batch_4 has label 12 at index 2, outside 0\.\.9"):
+        load_dataset("cifar10", root=tmp_path)
+    entry["labels"] = [0.5] * len(entry["labels"])  # floats would be truncated to class 0
+    (base / "data_batch_4").write_bytes(pickle.dumps(entry))
+    with pytest.raises(ValueError, match="data_batch_4 has float64 labels; expected integers"):
+        load_dataset("cifar10", root=tmp_path)
+
+    stl = tmp_path / "stl10_binary"
+    stl.mkdir()
+    np.zeros((2, 3, 96, 96), dtype=np.uint8).tofile(stl / "train_X.bin")
+    np.array([3, 11], dtype=np.uint8).tofile(stl / "train_y.bin")
+    with pytest.raises(ValueError, match=r"train_y.bin hold 11 at index 1, outside 1\.\.10"):
+        load_dataset("stl10", root=tmp_path)
+
+
+def test_imagefolder_refuses_tiny_images_and_skips_non_files(tmp_path):
+    (tmp_path / "cat").mkdir()
+    for k in range(2):
+        _png(tmp_path / "cat" / f"{k}.png", (3, 2), (9, 9, 9))
+    with pytest.raises(ValueError, match=r"cat/0.png is 3x2; images must be between 4 and 1024 pixels a side"):
+        load_dataset("imagefolder", root=tmp_path)
+    assert load_dataset("imagefolder", root=tmp_path, size=4).images.shape == (2, 3, 4, 4)  # resized: fine
+    os.mkfifo(tmp_path / "cat" / "fifo.png")  # would block a reader forever
+    (tmp_path / "cat" / "dir.png").mkdir()
+    assert len(load_dataset("imagefolder", root=tmp_path, size=4)) == 2
+    with pytest.raises(ValueError, match=r"digits: size must be an int in \[4, 256\]"):
+        load_dataset("digits", size=1024)
