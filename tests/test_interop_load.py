@@ -330,7 +330,7 @@ def test_code_in_a_checkpoint_is_refused_not_run(tmp_path):
         load_published(path, "acl")
     assert "\n" not in str(info.value)
     # and with plain pickle (no torch zip container) as well
-    path.write_bytes(pickle.dumps({"state_dict": {}, "x": _Exploit()}))
+    path.write_bytes(pickle.dumps({"state_dict": {}, "x": _Exploit()}, protocol=2))
     with pytest.raises(InteropError, match="refused global|not a readable"):
         load_published(path, "acl")
 
