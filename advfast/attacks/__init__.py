@@ -2,7 +2,8 @@
 
 from advfast.attacks.losses import ce_loss, trades_kl_loss
 from advfast.attacks.graphs import AttackGraphs
-from advfast.attacks.pgd import GRADIENT_MODES, attack_gradients, fgsm, from_config, pgd
+from advfast.attacks.pgd import (GRADIENT_MODES, attack_gradients, fgsm, from_config, gradient_mode,
+                                 input_only_gradients, pgd)
 
-__all__ = ["pgd", "fgsm", "from_config", "attack_gradients", "GRADIENT_MODES", "AttackGraphs", "ce_loss",
-           "trades_kl_loss"]
+__all__ = ["pgd", "fgsm", "from_config", "attack_gradients", "gradient_mode", "input_only_gradients",
+           "GRADIENT_MODES", "AttackGraphs", "ce_loss", "trades_kl_loss"]

@@ -42,6 +42,33 @@ def attack_gradients(mode: str):
         _default_gradients = previous
 
 
+def gradient_mode(gradients: str | None = None) -> str:
+    """The mode an attack given ``gradients`` uses: itself, or the ``attack_gradients`` default for None."""
+    return _check_gradients(_default_gradients if gradients is None else gradients)
+
+
+@contextlib.contextmanager
+def input_only_gradients(module: torch.nn.Module, gradients: str | None = None):
+    """Freeze ``module``'s trainable parameters for the block when the attack mode is "input".
+
+    ``torch.autograd.grad(loss, x)`` skips weight gradients in eager mode, but a torch.compile'd
+    model traces one joint forward/backward for every input that requires grad, weights included:
+    its backward computes weight gradients the attack then throws away. With the weights not
+    requiring grad, the compiled attack graph computes the input gradient only. "full" mode
+    (the official codes' loss.backward()) leaves the parameters alone.
+    """
+    frozen = []
+    if gradient_mode(gradients) == "input":
+        frozen = [p for p in module.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+
 def _check_gradients(mode) -> str:
     if mode not in GRADIENT_MODES:
         raise ValueError(f"gradients must be one of {', '.join(GRADIENT_MODES)} (or None for the current default), "
@@ -111,7 +138,7 @@ def pgd(loss_fn: Callable[[torch.Tensor], torch.Tensor], x_nat: torch.Tensor, ep
     "input" (default), "full" (see the module docstring) or None for the ``attack_gradients`` default.
     """
     _check(loss_fn, x_nat, steps, norm)
-    take_grad = _full_backward_grad if _check_gradients(_default_gradients if gradients is None else gradients) == "full" else _input_grad
+    take_grad = _full_backward_grad if gradient_mode(gradients) == "full" else _input_grad
     x_nat = x_nat.detach()
     if x_nat.dtype not in (torch.float32, torch.float64):
         x_nat = x_nat.float()  # perturbations live in fp32 whatever precision the model runs in

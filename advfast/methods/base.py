@@ -90,14 +90,16 @@ class Method(nn.Module):
         ``site`` names the call site; ``context`` holds every per-batch tensor the loss reads besides its
         input (the other view, fixed features, targets), so that under ``cuda_graph_attack`` the captured
         graph reads them from static buffers refreshed on every call (see advfast.attacks.graphs). The
-        model's mode and BN branch are the caller's business, as for any attack.
+        model's mode and BN branch are the caller's business, as for any attack. The method's parameters
+        do not require grad during the attack (input-only gradients, see attacks.input_only_gradients).
         """
         attack_fn = attacks.from_config(self.cfg.attack)
         if attack_fn is None:
             return x_nat
-        if self.attack_graphs is None:
-            return attack_fn(make_loss(*context), x_nat)
-        return self.attack_graphs.run(f"{self.name}.{site}", attack_fn, make_loss, x_nat, context)
+        with attacks.input_only_gradients(self):
+            if self.attack_graphs is None:
+                return attack_fn(make_loss(*context), x_nat)
+            return self.attack_graphs.run(f"{self.name}.{site}", attack_fn, make_loss, x_nat, context)
 
     def after_optimizer_step(self) -> None:
         """Momentum encoders, queues and anything else updated after the weights change."""

@@ -7,6 +7,7 @@
     state = single_branch_state_dict(encoder, "pgd")  # torchvision-style keys
 """
 
+from advfast.models.compiled import compile_encoder
 from advfast.models.encoder import Encoder, available_archs, build_encoder, to_single_branch
 from advfast.models.heads import HEAD_KINDS, ProjectionHead, build_head
 from advfast.models.multibn import (BranchSwitch, MultiBatchNorm1d, MultiBatchNorm2d, load_single_branch,
@@ -14,7 +15,7 @@ from advfast.models.multibn import (BranchSwitch, MultiBatchNorm1d, MultiBatchNo
 from advfast.models.normalize import NormalizeByChannelMeanStd
 
 __all__ = [
-    "Encoder", "available_archs", "build_encoder", "to_single_branch",
+    "compile_encoder", "Encoder", "available_archs", "build_encoder", "to_single_branch",
     "HEAD_KINDS", "ProjectionHead", "build_head",
     "BranchSwitch", "MultiBatchNorm1d", "MultiBatchNorm2d", "load_single_branch", "make_bn",
     "single_branch_state_dict",
