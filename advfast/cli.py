@@ -31,7 +31,8 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     usage = (f"{PROG} --method METHOD --out DIR [options]\n       {PROG} --resume --out DIR [options]\n"
              f"       {PROG} --list")
-    p = _Parser(prog=PROG, usage=usage, description="Adversarial contrastive pre-training (ACL, AMOC, MoCo-PGD/FGSM, AdvCL, "
+    p = _Parser(prog=PROG, usage=usage,
+                description="Adversarial contrastive pre-training (ACL, AMOC, MoCo-PGD/FGSM, AdvCL, "
                 "RoCL and the SimCLR / MoCo baselines). Example: advfast-train --method acl --dataset digits "
                 "--out runs/acl", allow_abbrev=False)
     p.add_argument("--list", action="store_true", help="list methods, variants and their presets, then exit")
@@ -133,7 +134,8 @@ def build_train_config(args):
     yaml_cfg = {k: v for k, v in yaml_cfg.items() if k not in choice}
     for key, value in choice.items():
         if value is not None and not isinstance(value, str):
-            raise UsageError(f"{key} must be a name such as {'acl' if key == 'method' else 'digits'}, got {show(value)}")
+            example = "acl" if key == "method" else "digits"
+            raise UsageError(f"{key} must be a name such as {example}, got {show(value)}")
     layers = [yaml_cfg, _flag_overrides(args), parse_set(args.set), {"out": args.out}]
 
     if args.allow_change and not args.resume:

@@ -4,6 +4,12 @@ A run's configuration is a TrainConfig; a method's preset (its official code's d
 size that suits the digits demo) is a nested dict of overrides applied on top, and the CLI's
 --config FILE.yaml and --set key=value are applied after that. Method-specific knobs live in the
 method's own ``Options`` dataclass and are reached as ``method.<field>`` (e.g. ``method.queue_size``).
+
+Config files and --set values are untrusted text (``load_yaml``): UTF-8, at most 64 KiB, at most
+100,000 values once aliases are expanded and 32 levels deep, no merge keys; booleans are YAML 1.2's
+(true/false only), so ``channels_last: off`` is the string "off" while bool settings still take
+yes/no/on/off. ``validate`` checks a whole TrainConfig (every option, backend name and path) before
+anything touches the disk.
 """
 
 from __future__ import annotations
@@ -422,7 +428,8 @@ def _check_names(cfg) -> None:
                          f"choose from {', '.join(DATASETS)}")
     archs = available_archs()
     if cfg.arch not in archs:
-        raise ValueError(f"unknown arch {show(cfg.arch)}{closest(str(cfg.arch), archs)}; choose from {', '.join(archs)}")
+        raise ValueError(f"unknown arch {show(cfg.arch)}{closest(str(cfg.arch), archs)}; "
+                         f"choose from {', '.join(archs)}")
 
 
 # the longest path and path component Linux file systems take (PATH_MAX, NAME_MAX)

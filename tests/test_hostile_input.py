@@ -83,7 +83,7 @@ def _refused(capsys, tmp_path, argv, *needles, out=None):
     (["--set", "method.queue_size=" + str(10**12), "--method", "moco"], "method.queue_size must be a positive integer"),
     (["--set", "attack.steps=1.5"], "attack.steps must be an integer, got 1.5"),
     (["--set", "device=cuda:123456"], "device must be auto, cpu, cuda or cuda:N"),
-    (["--image-size", "512"], "digits: size must be an int in [4, 256] (the images are 8x8)"),  # ~2 GB of 8x8 digits
+    (["--set", "image_size=512"], "digits: size must be an int in [4, 256] (the images are 8x8)"),  # ~2 GB of 8x8 digits
 ])
 def test_bad_numbers(run_copy, tmp_path, capsys, argv, needle):
     method = argv[argv.index("--method") + 1] if "--method" in argv else "acl"
@@ -133,7 +133,8 @@ def _bomb(levels=9):
     ("base: &b {epochs: 2}\n<<: *b\nmethod: acl\n", ["merge key (<<)"]),
     ("method: acl\n1: 2\n", ["has a key 1 that is not a name"]),
     ("method: [acl]\n", ["method must be a name such as acl, got ['acl']"]),
-    ("method: acl\nepochs: [" + ", ".join(["1"] * 5000) + "]\n", ["epochs must be an integer, got [1, 1, 1, 1, 1, 1, ...]"]),
+    ("method: acl\nepochs: [" + ", ".join(["1"] * 5000) + "]\n",
+     ["epochs must be an integer, got [1, 1, 1, 1, 1, 1, ...]"]),
     ("method: acl\nattack:\n  kind: " + "p" * 20000 + "\n", ["attack.kind must be one of pgd, fgsm, none, got 'ppp"]),
     ("method: acl\nseed: 2024-01-01\n", ["seed must be an integer, got datetime.date(2024, 1, 1)"]),
     ("method: acl\nepochs: 3\nepochs: [\n", ["is not valid YAML"]),
