@@ -263,7 +263,12 @@ def load_yaml(text: str | bytes, where: str, invalid_as_text: bool = False) -> A
         except UnicodeDecodeError as e:
             raise ValueError(f"{where} is not UTF-8 text (byte {e.start} is {text[e.start:e.start + 1]!r}); "
                              f"save it as UTF-8") from None
-    if len(text.encode("utf-8", "surrogatepass")) > MAX_YAML_BYTES:
+    try:  # a command line in another encoding reaches Python as lone surrogates
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{where} is not UTF-8 text (character {e.start} is {text[e.start]!r}); "
+                         f"write it in UTF-8") from None
+    if size > MAX_YAML_BYTES:
         raise ValueError(f"{where} is larger than {MAX_YAML_BYTES // 1024} KiB; a config holds a few settings")
     _check_flow_depth(text, where)
     try:

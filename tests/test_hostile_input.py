@@ -167,6 +167,12 @@ def test_alias_bomb_in_a_set_value(run_copy, tmp_path, capsys):
              "expands to more than 100000 values")
 
 
+def test_set_value_not_utf8(run_copy, tmp_path, capsys):
+    """A command line in another encoding reaches Python as lone surrogates (here: byte 0xff)."""
+    _refused(capsys, tmp_path, ["--method", "acl", *TINY, "--set", "epochs=\udcff"],
+             "--set 'epochs' is not UTF-8 text", "write it in UTF-8")
+
+
 def test_config_file_not_utf8_or_not_a_file(run_copy, tmp_path, capsys):
     cfg = tmp_path / "latin1.yaml"
     cfg.write_bytes("method: acl\n# caf\u00e9\n".encode("latin-1"))
