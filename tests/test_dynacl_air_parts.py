@@ -1,8 +1,9 @@
 """DynACL / AIR building blocks against float64 transcriptions of the official code.
 
-The ``_official_*`` functions below are transcriptions of PKU-ML/DYNACL (train_DynACL.py: main, reload,
-train; kmeans_pytorch 0.3) and GodXuxilie/Enhancing_ACL_via_AIR (pretraining.py: main, get_transform,
-train; AIR.py: AIR_Loss), written independently of advfast's modules. Each was checked against the
+The ``_official_*`` functions below (and in tests/official_dynacl_step.py, tests/official_air_step.py)
+are transcriptions of PKU-ML/DYNACL (train_DynACL.py: main, reload, train; kmeans_pytorch 0.3) and
+GodXuxilie/Enhancing_ACL_via_AIR (pretraining.py: main, get_transform, train; AIR.py: AIR_Loss), written
+independently of advfast's modules. Each was checked against the
 real official code run on the CPU (docs/methods_dynacl_air.md, "Validation").
 """
 
@@ -205,31 +206,18 @@ def test_schedule_bad_input(call, match):
 # ---- transcription: AIR_Loss -----------------------------------------------------------------------
 
 
-def _official_air_loss(zi, zj, z_orig, zi_adv, zj_adv, weight=0.0, temperature=0.5, lambda1=0.5, lambda2=0.5):
-    """AIR.py: AIR_Loss.forward (normalize=True), returning (total, nat, adv, SIR, AIR)."""
-    bs = zi.shape[0]
-    labels = torch.zeros((2 * bs,)).long()
-    mask = torch.ones((bs, bs), dtype=bool).fill_diagonal_(0)
-    zi, zj, zo, zia, zja = (F.normalize(z, p=2, dim=-1) for z in (zi, zj, z_orig, zi_adv, zj_adv))
+def _load_helper(name):
+    """A transcription module next to this file (tests/official_*.py, not collected by pytest)."""
+    import importlib.util
+    import pathlib
 
-    def contrastive(a, b):
-        ii, ij, ji, jj = (torch.mm(u, v.t()) / temperature for u, v in ((a, a), (a, b), (b, a), (b, b)))
-        pos = torch.cat((ij[~mask], ji[~mask]), 0).unsqueeze(1)
-        neg = torch.cat((torch.cat((ii[mask].reshape(bs, -1), ij[mask].reshape(bs, -1)), 1),
-                         torch.cat((ji[mask].reshape(bs, -1), jj[mask].reshape(bs, -1)), 1)), 0)
-        return F.cross_entropy(torch.cat((pos, neg), 1), labels)
+    spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    nat, adv = contrastive(zi, zj), contrastive(zia, zja)
-    p_io = F.softmax((torch.mm(zi, zo.t()) / temperature)[~mask], -1)
-    lp_jo = F.log_softmax((torch.mm(zj, zo.t()) / temperature)[~mask], -1)
-    sir = F.kl_div(p_io, lp_jo, log_target=True, reduction="sum")
-    c_i = F.softmax((torch.mm(zia, zi.t()) / temperature)[~mask], -1)
-    c_j = F.softmax((torch.mm(zja, zj.t()) / temperature)[~mask], -1)
-    a_i = F.softmax((torch.mm(zia, zo.t()) / temperature)[~mask], -1) * c_i
-    a_j = F.softmax((torch.mm(zja, zo.t()) / temperature)[~mask], -1) * c_j
-    air = F.kl_div(a_i, torch.log(a_j), log_target=True, reduction="sum")
-    total = nat * (1 - weight) + adv * (1 + weight) + lambda1 * sir + lambda2 * air
-    return total, nat, adv, sir, air
+
+_official_air_loss = _load_helper("official_air_step").official_air_loss
 
 
 def _blocks(b=6, d=5, seed=None):
@@ -338,14 +326,7 @@ def test_within_cluster_ss_is_the_kmeans_objective():
 
 
 def _load_step_transcription():
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).with_name("official_dynacl_step.py")
-    spec = importlib.util.spec_from_file_location("official_dynacl_step", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load_helper("official_dynacl_step")
 
 
 def test_step_transcription_nt_xent_equals_advfast_nt_xent_on_view_major_rows():
@@ -355,6 +336,14 @@ def test_step_transcription_nt_xent_equals_advfast_nt_xent_on_view_major_rows():
     a, b = ods.official_nt_xent(z), nt_xent(view_major, 2, temperature=0.5, backend="torch")
     torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(torch.autograd.grad(a, z)[0], torch.autograd.grad(b, z)[0], rtol=1e-10, atol=1e-12)
+
+
+def test_air_step_transcription_nt_xent_equals_advfast_nt_xent():
+    oas = _load_helper("official_air_step")
+    z = torch.randn(10, 4, dtype=torch.float64)
+    view_major = z.view(5, 2, 4).transpose(0, 1).reshape(10, 4)
+    torch.testing.assert_close(oas.official_nt_xent(z), nt_xent(view_major, 2, temperature=0.5, backend="torch"),
+                               rtol=1e-12, atol=1e-12)
 
 
 def test_step_transcription_swap_and_ema():
