@@ -8,6 +8,7 @@ one line on stderr and exit code 2 (ADVFAST_DEBUG=1 shows the traceback instead)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -177,7 +178,7 @@ def config_keys(cfg) -> list[str]:
     keys = [k for k in _flatten({k: v for k, v in to_dict(cfg).items() if k != "method_options"})]
     cls = METHODS.get(cfg.method)
     if cls is not None:
-        keys += [f"method.{f.name}" for f in __import__("dataclasses").fields(cls.Options)]
+        keys += [f"method.{f.name}" for f in dataclasses.fields(cls.Options)]
     return keys
 
 
@@ -241,7 +242,7 @@ def list_methods(file=None) -> None:
             augments.setdefault(views if isinstance(views, str) else "custom views", []).append(v)
         augment = ", ".join(k if len(augments) == 1 else f"{k} ({', '.join(vs)})" for k, vs in augments.items())
         print(f"\n{name}\n  variants: {variants}\n  augment: {augment}", file=file)
-        opts = {f.name: f.default for f in __import__("dataclasses").fields(cls.Options)}
+        opts = {f.name: f.default for f in dataclasses.fields(cls.Options)}
         if opts:
             print("  options: " + " ".join(f"method.{k}={_fmt(v)}" for k, v in opts.items()), file=file)
         for variant in cls.variants or (None,):
@@ -271,25 +272,19 @@ def _fail(message: str, code: int = 2) -> int:
 
 def _make_trainer(cfg, args):
     """The Trainer, after every check of the CLI and of config.validate (nothing touched the disk yet)."""
-    import inspect
-
     from advfast.config import validate
     from advfast.engine import Trainer
 
     validate(cfg)
-    kwargs = {"resume": args.resume, "overwrite": args.overwrite}
-    if args.allow_change:
-        if "allow_change" not in inspect.signature(Trainer.__init__).parameters:
-            raise UsageError("--allow-change is not supported by this advfast's Trainer; resume without it")
-        kwargs["allow_change"] = tuple(dict.fromkeys(args.allow_change))
-    return Trainer(cfg, **kwargs)
+    return Trainer(cfg, resume=args.resume, overwrite=args.overwrite,
+                   allow_change=tuple(dict.fromkeys(args.allow_change)))
 
 
 def train_main(argv: list[str] | None = None) -> int:
     import yaml
 
-    from advfast.engine import trainer as trainer_module
     from advfast.engine.checkpoint import CheckpointError
+    from advfast.engine.trainer import RunFault
 
     debug = bool(os.environ.get("ADVFAST_DEBUG"))
     # OverflowError: a number too large for what it sizes (checked up front where known; this is the net)
@@ -318,10 +313,9 @@ def train_main(argv: list[str] | None = None) -> int:
             raise
         return _fail("the settings are nested too deeply (a self-referencing value?); check --config and --set")
     # faults after the start (divergence, a checkpoint that cannot be written): one line, exit code 1
-    run_fault = getattr(trainer_module, "RunFault", trainer_module.TrainingDiverged)
     try:
         summary = trainer.fit()
-    except run_fault as e:
+    except RunFault as e:
         if debug:
             raise
         return _fail(str(e), code=1)
