@@ -81,7 +81,8 @@ def official_rocl(outputs, adv_type, hn, stop_grad, sd, w, tau=0.1, beta=1.0, te
         return (1. / n2) * torch.sum(dg(L[0:n, n:]) + dg(L[n:, 0:n]))
     if stop_grad:
         return (1. / n2) * torch.sum(dg(L[0:n, n:2 * n]) + dg(L[n:2 * n, 0:n]) + w * (
-            (dg(L[0:n, 2 * n:]) + dg(L[n:2 * n, 2 * n:])) * sd + (dg(L[2 * n:, 0:n]) + dg(L[2 * n:, n:2 * n])) * (1 - sd)))
+            (dg(L[0:n, 2 * n:]) + dg(L[n:2 * n, 2 * n:])) * sd
+            + (dg(L[2 * n:, 0:n]) + dg(L[2 * n:, n:2 * n])) * (1 - sd)))
     return (1. / n2) * torch.sum(dg(L[0:n, n:2 * n]) + dg(L[n:2 * n, 0:n]) + dg(L[0:n, 2 * n:]) + dg(L[2 * n:, 0:n])
                                  + dg(L[n:2 * n, 2 * n:]) + dg(L[2 * n:, n:2 * n]))
 
@@ -99,7 +100,8 @@ def test_supcon_matches_official(hn, stop_grad, w):
     b, v = 5, 4
     z0 = F.normalize(torch.randn(v * b, 6, dtype=D64), dim=1)
     sd = torch.tensor(0.35, dtype=D64)  # a tensor, as the adaptive degree
-    ref = _value_and_grad(lambda z: official_supcon(torch.stack(z.split(b), 1), hn, stop_grad, sd, w, tau_plus=0.12), z0)
+    ref = _value_and_grad(lambda z: official_supcon(torch.stack(z.split(b), 1), hn, stop_grad, sd, w, tau_plus=0.12),
+                          z0)
     got = _value_and_grad(lambda z: asymmetric_supcon(z, v, hard_negatives=hn, stop_grad=stop_grad, stop_grad_degree=sd,
                                                       adv_weight=w, tau_plus=0.12), z0)
     torch.testing.assert_close(got[0], ref[0], rtol=1e-12, atol=1e-12)
@@ -133,7 +135,7 @@ def test_corrected_forms_differ_and_match_their_definitions():
     assert torch.isfinite(hn_row) and not torch.allclose(hn_row, hn_col)
 
 
-@pytest.mark.parametrize("hn,stop_grad,views", [(h, s, v) for h in (False, True) for s in (False, True) for v in (2, 3)])
+@pytest.mark.parametrize("hn,stop_grad,views", list(itertools.product([False, True], [False, True], [2, 3])))
 def test_rocl_matches_official(hn, stop_grad, views):
     z0 = torch.randn(views * 5, 6, dtype=D64)
     adv_type = "None" if views == 2 else "Rep"

@@ -135,8 +135,8 @@ class _RCSRun:
         names = [n for n in named if "fc" in n] if param_names is None else list(param_names)
         missing = [n for n in names if n not in named]
         if not names or missing:
-            raise ValueError(f"RCS differentiates the head's Linear params; {'missing ' + str(missing) if missing else 'none found'} "
-                             f"among {', '.join(named)}")
+            what = f"missing {missing}" if missing else "none found"
+            raise ValueError(f"RCS differentiates the head's Linear params; {what} among the head's parameters ({', '.join(named) or 'it has none'})")
         self.names = names
         self.params = {n: named[n].detach().clone() for n in names}
         self.frozen = {n: p.detach() for n, p in named.items() if n not in self.params}
