@@ -136,7 +136,8 @@ class _RCSRun:
         missing = [n for n in names if n not in named]
         if not names or missing:
             what = f"missing {missing}" if missing else "none found"
-            raise ValueError(f"RCS differentiates the head's Linear params; {what} among the head's parameters ({', '.join(named) or 'it has none'})")
+            raise ValueError(f"RCS differentiates the head's Linear params; {what} among the head's parameters "
+                             f"({', '.join(named) or 'it has none'})")
         self.names = names
         self.params = {n: named[n].detach().clone() for n in names}
         self.frozen = {n: p.detach() for n, p in named.items() if n not in self.params}
