@@ -40,7 +40,7 @@ CI_PROVIDES = {
     "matplotlib": "matplotlib (a core dependency) for the evaluation plots",
     "advfast._C is not built": "advfast._C (built by README's install line)",
     "built without its CUDA kernels": "the CUDA build of advfast._C (CUDA toolkit at /usr/local/cuda)",
-    "cuobjdump (CUDA toolkit) not found": "cuobjdump in /usr/local/cuda/bin",
+    "cuobjdump (CUDA toolkit or Triton) not found": "cuobjdump (Triton's, installed with torch)",
 }
 
 # Subprocesses the tests start (python -c / -m) must import the installed advfast, as the tests do

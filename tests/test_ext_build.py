@@ -273,9 +273,15 @@ def test_ema_update_rejects_bad_arguments(ema, src, m, exc, match):
 # --- what the CUDA build carries (no GPU needed) -------------------------------------------------
 
 def _cuobjdump() -> str | None:
-    """cuobjdump of the CUDA toolkit (on PATH, under CUDA_HOME, or /usr/local/cuda)."""
+    """cuobjdump: on PATH, in a CUDA toolkit (CUDA_HOME, /usr/local/cuda), or the one Triton ships
+    (triton/backends/nvidia/bin; a minimal toolkit may lack it, torch's Linux wheels bring Triton)."""
+    import importlib.util
+
+    triton = importlib.util.find_spec("triton")
+    bundled = (os.path.join(os.path.dirname(triton.origin), "backends", "nvidia", "bin", "cuobjdump")
+               if triton is not None and triton.origin else None)
     for candidate in (shutil.which("cuobjdump"), os.path.join(os.environ.get("CUDA_HOME", ""), "bin", "cuobjdump"),
-                      "/usr/local/cuda/bin/cuobjdump"):
+                      "/usr/local/cuda/bin/cuobjdump", bundled):
         if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
     return None
@@ -289,7 +295,7 @@ def test_cuda_build_carries_sass_for_sm80_sm90_and_ptx_for_newer_gpus():
                     "at build time): no device code to check")
     tool = _cuobjdump()
     if tool is None:
-        pytest.skip("cuobjdump (CUDA toolkit) not found: set CUDA_HOME or put it on PATH")
+        pytest.skip("cuobjdump (CUDA toolkit or Triton) not found: put it on PATH")
     import advfast._C as ext
 
     def listing(flag):
