@@ -90,6 +90,19 @@ def test_the_compiled_attack_computes_the_input_gradient_only():
     assert backend.conv_grad_masks() and all(m[1] for m in backend.conv_grad_masks())
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_inputs_of_any_layout_share_one_compiled_graph(layout):
+    encoder = compile_encoder(_encoder().to(memory_format=layout), backend=RecordingBackend())
+    x = torch.rand(B, 3, SIZE, SIZE, dtype=torch.float64)
+    wide = torch.rand(B, 3, SIZE, 2 * SIZE, dtype=torch.float64)[..., ::2]  # strided, as an FFT's real part
+    with torch.no_grad():
+        outs = [encoder(v, "pgd") for v in (x, x.contiguous(memory_format=torch.channels_last), wide.contiguous())]
+        outs.append(encoder(wide, "pgd"))
+    assert counters["frames"]["ok"] == 1, "one compilation for every input layout"
+    torch.testing.assert_close(outs[0], outs[1])
+    torch.testing.assert_close(outs[2], outs[3])
+
+
 def test_input_only_gradients_restores_the_parameters_after_an_error():
     encoder = _encoder()
     encoder.conv1.weight.requires_grad_(False)  # a frozen layer stays frozen

@@ -11,8 +11,9 @@ would keep them all as cache entries of one code object: AdvCL reaches torch's r
 variant its own ``torch.compile`` of its own copy of the calling code, so each variant has its own
 cache and recompile budget (left for real changes: a new batch size marks the batch dimension
 dynamic once), and the guard check of one call looks at one variant's entries, not all of them.
-Inputs with unusual strides (a slice of an FFT's real view, say) are made contiguous first so that
-their strides do not become another guard. Compilation is in place: state-dict keys do not change.
+Image inputs are put in the model's memory layout first (contiguous, or channels_last for a
+channels_last model), so that their strides (an FFT's real view, an NCHW batch for an NHWC model)
+do not become another guard. Compilation is in place: state-dict keys do not change.
 """
 
 from __future__ import annotations
@@ -35,11 +36,12 @@ def _fresh_code_copy(n: int):
     return types.FunctionType(code, _call_module.__globals__, code.co_name)
 
 
-def _canonical_strides(x):
-    if isinstance(x, torch.Tensor) and x.dim() == 4 and not (
-            x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
-        return x.contiguous()
-    return x
+def _model_layout(module: nn.Module) -> torch.memory_format:
+    """channels_last when the model's first conv weight is (module.to(memory_format=...)), else contiguous."""
+    weight = next((p for p in module.parameters() if p.dim() == 4), None)
+    if weight is not None and not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 class CompiledVariants:
@@ -61,8 +63,11 @@ class CompiledVariants:
                 isinstance(x, torch.Tensor) and x.requires_grad, param is not None and param.requires_grad)
 
     def __call__(self, *args, **kwargs):
-        if args:
-            args = (_canonical_strides(args[0]),) + args[1:]
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and x.dim() == 4:  # images in the model's layout: one set of strides
+            layout = _model_layout(self.module)
+            if not x.is_contiguous(memory_format=layout):
+                args = (x.contiguous(memory_format=layout),) + args[1:]
         try:
             key = self.signature(args, kwargs)
             compiled = self.variants.get(key)
