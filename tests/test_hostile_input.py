@@ -312,6 +312,13 @@ def test_labels_out_of_range_in_a_labels_file(run_copy, tmp_path, capsys):
     _refused(capsys, tmp_path, [*ADVCL, "--set", f"method.pseudo_labels={labels}"], "has labels outside [0, 2)")
 
 
+def test_labels_paths_too_long_or_odd(run_copy, tmp_path, capsys):
+    _refused(capsys, tmp_path, [*ADVCL, "--set", "method.pseudo_labels=" + "l" * 300 + ".pkl"],
+             "method.pseudo_labels has a name of 304 bytes")
+    _refused(capsys, tmp_path, [*ADVCL, "--set", "method.pseudo_labels_from=run\0x"],
+             "method.pseudo_labels_from must not contain control characters")
+
+
 def test_labels_source_run_without_an_encoder(run_copy, tmp_path, capsys):
     _refused(capsys, tmp_path, [*ADVCL, "--set", f"method.pseudo_labels_from={tmp_path / 'nowhere'}"],
              "method.pseudo_labels_from: encoder", "does not exist")

@@ -165,7 +165,7 @@ class AdvCL(Method):
     def _check_pseudo_label_inputs(o, cfg) -> None:
         from pathlib import Path
 
-        from advfast.config import show
+        from advfast.config import check_path_text, show
         from advfast.methods import pseudo_labels as pl
 
         if o.pseudo_labels is None and o.pseudo_labels_from is None:
@@ -173,6 +173,9 @@ class AdvCL(Method):
                 "advcl needs ClusterFit pseudo labels: set method.pseudo_labels=FILE (made with "
                 f"`{pl.generator_command(cfg.dataset)}`, or the official .pkl) or method.pseudo_labels_from=RUN_DIR "
                 "(or method.ce_weight=0 to train without them)")
+        for key in ("pseudo_labels", "pseudo_labels_from"):
+            if getattr(o, key) is not None:
+                check_path_text(getattr(o, key), f"method.{key}")
         if o.pseudo_labels is not None:  # read, never written: it wins over a preset's pseudo_labels_from
             path = Path(o.pseudo_labels)
             if not path.is_file():
