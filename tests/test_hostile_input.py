@@ -79,6 +79,7 @@ def _refused(capsys, tmp_path, argv, *needles, out=None):
     (["--set", "method.ce_weight=nan", "--method", "advcl"], "method.ce_weight must be a finite number, got nan"),
     (["--set", "method.hfc_radius=-1", "--method", "advcl"], "method.hfc_radius must be >= 0"),
     (["--set", "method.kmeans_seed=" + "9" * 30, "--method", "advcl"], "method.kmeans_seed is too large"),
+    (["--set", "method.leverage=2", "--method", "amoc"], "method.leverage must be in [0, 1]"),  # found while building
     (["--set", "method.head_hidden=0"], "method.head_hidden must be a positive integer (at most 65536), got 0"),
     (["--set", "method.queue_size=" + str(10**12), "--method", "moco"], "method.queue_size must be a positive integer"),
     (["--set", "attack.steps=1.5"], "attack.steps must be an integer, got 1.5"),
