@@ -128,3 +128,22 @@ def ema_update_(ema_tensors: list[torch.Tensor], tensors: list[torch.Tensor], mo
             _ema_kernel[(programs,)](table, len(chunk), *weights, DTYPE=_TL_DTYPES[dtype], COMPUTE=compute,
                                      T_P2=max(2, triton.next_power_of_2(len(chunk))), ALIGNED=aligned,
                                      BLOCK=BLOCK, num_warps=NUM_WARPS)
+
+
+def aot_variants(arch: int):
+    """The launches ema_update_ can produce (kernels/aot.py): every dtype, aligned or not, and the
+    smallest and largest tensor table (T_P2 = 2 and MAX_TENSORS_PER_LAUNCH)."""
+    from advfast.kernels.aot import Variant
+
+    names = {tl.float32: "fp32", tl.float64: "fp64", tl.bfloat16: "bf16", tl.float16: "fp16"}
+    sig = dict(table_ptr="*i64", T="i32", m="fp32", m_lo="fp32", one_minus_m="fp32", one_minus_m_lo="fp32")
+    signature = tuple((n, sig.get(n, "constexpr")) for n in _ema_kernel.arg_names)
+    largest_grid = (triton.cdiv(2**33, BLOCK), 1, 1)  # 8.6e9 elements: a model far beyond any we train
+    for dtype in _TL_DTYPES.values():
+        for aligned in (False, True):
+            for t_p2 in (2, MAX_TENSORS_PER_LAUNCH):
+                compute = "fp64" if dtype == tl.float64 else "fp32"
+                consts = dict(DTYPE=names[dtype], COMPUTE=compute, T_P2=t_p2, ALIGNED=aligned, BLOCK=BLOCK)
+                yield Variant(f"{__name__}._ema_kernel", signature, tuple(sorted(consts.items())), ("table_ptr",),
+                              NUM_WARPS, 3, largest_grid,
+                              label=f"{names[dtype]} aligned={aligned} tensors<={t_p2}")

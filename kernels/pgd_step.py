@@ -10,6 +10,8 @@ program knows its sample without a per-element division and reads eps/alpha once
         then the elementwise pass, which sums the partials of its sample. The norm of the delta after
         the step follows from ||d + s*g||^2 = d.d + 2s d.g + s^2 g.g (s = alpha/||g||), so the step is
         never written out and re-read: 6 reads + 1 write in two launches, deterministic (no atomics).
+        The partial sums and the per-sample radii are float64 with correctly rounded sqrt/division,
+        like the C++ and CUDA kernels: a gradient whose float32 sum of squares underflows still steps.
 
 Half-precision x is computed in float32 and rounded once on the store (to nearest even on a GPU;
 Triton's CPU interpreter truncates instead, which the tests allow for).
@@ -69,10 +71,13 @@ def _pgd_linf_kernel(x_ptr, xn_ptr, g_ptr, out_ptr, eps_ptr, alpha_ptr, eps_s, a
 @triton.jit
 def _pgd_l2_partials_kernel(x_ptr, xn_ptr, g_ptr, part_ptr, N, BLOCKS_PER_SAMPLE,
                             COMPUTE: tl.constexpr, BLOCK: tl.constexpr):
-    # part is (B, 3, BLOCKS_PER_SAMPLE): sums of g*g, d*g, d*d over this program's block.
+    # part is (B, 3, BLOCKS_PER_SAMPLE), float64: sums of g*g, d*g, d*d over this program's block.
+    # float64 products of float32 values are exact and never subnormal, so a gradient whose float32
+    # sum of squares would underflow (|g| ~ 1e-23) still has a norm, as in the C++/CUDA kernels.
     b, j, offs, mask, base = _sample_block(N, BLOCKS_PER_SAMPLE, BLOCK)
     x, xn, g = _load_block(x_ptr, xn_ptr, g_ptr, base, offs, mask, COMPUTE)
-    d = x - xn
+    g = g.to(tl.float64)
+    d = (x - xn).to(tl.float64)  # the delta as the reference forms it, in the compute dtype
     row = part_ptr + b.to(tl.int64) * 3 * BLOCKS_PER_SAMPLE + j
     tl.store(row, tl.sum(g * g, axis=0))
     tl.store(row + BLOCKS_PER_SAMPLE, tl.sum(d * g, axis=0))
@@ -85,24 +90,29 @@ def _pgd_l2_apply_kernel(x_ptr, xn_ptr, g_ptr, out_ptr, part_ptr, eps_ptr, alpha
                          EPS_PER_SAMPLE: tl.constexpr, ALPHA_PER_SAMPLE: tl.constexpr,
                          COMPUTE: tl.constexpr, BLOCK: tl.constexpr, PARTS: tl.constexpr):
     b, j, offs, mask, base = _sample_block(N, BLOCKS_PER_SAMPLE, BLOCK)
-    eps = _load_radius(eps_ptr, eps_s, b, EPS_PER_SAMPLE, COMPUTE)
-    alpha = _load_radius(alpha_ptr, alpha_s, b, ALPHA_PER_SAMPLE, COMPUTE)
+    eps = _load_radius(eps_ptr, eps_s, b, EPS_PER_SAMPLE, COMPUTE).to(tl.float64)
+    alpha = _load_radius(alpha_ptr, alpha_s, b, ALPHA_PER_SAMPLE, COMPUTE).to(tl.float64)
 
-    # Every program of a sample sums that sample's partials (a few floats, served from L2).
+    # Every program of a sample sums that sample's partials (a few floats, served from L2). The
+    # per-sample radii are float64 with correctly rounded sqrt and division (no approximate,
+    # flush-to-zero fp32 instructions): the same numbers as the C++ and CUDA kernels.
     p = tl.arange(0, PARTS)
     pmask = p < BLOCKS_PER_SAMPLE
     row = part_ptr + b.to(tl.int64) * 3 * BLOCKS_PER_SAMPLE + p
     gg = tl.sum(tl.load(row, mask=pmask, other=0.0), axis=0)
     dg = tl.sum(tl.load(row + BLOCKS_PER_SAMPLE, mask=pmask, other=0.0), axis=0)
     dd = tl.sum(tl.load(row + 2 * BLOCKS_PER_SAMPLE, mask=pmask, other=0.0), axis=0)
+    # (float64 sqrt and division are IEEE round-to-nearest in PTX: sqrt.rn.f64, div.rn.f64)
     gnorm = tl.sqrt(gg)
-    step = tl.where(gnorm > 0, alpha / tl.where(gnorm > 0, gnorm, 1.0), 0.0)  # zero gradient: no move
-    dnorm = tl.sqrt(tl.maximum(dd + 2.0 * step * dg + step * step * gg, 0.0))
-    shrink = eps / tl.where(dnorm > eps, dnorm, 1.0)
+    step64 = tl.where(gnorm > 0, alpha / tl.where(gnorm > 0, gnorm, 1.0), 0.0)  # zero gradient: no move
+    dnorm = tl.sqrt(tl.maximum(dd + 2.0 * step64 * dg + step64 * step64 * gg, 0.0))
+    outside = dnorm > eps
+    shrink = (eps / tl.where(outside, dnorm, 1.0)).to(COMPUTE)
+    step = step64.to(COMPUTE)
 
     x, xn, g = _load_block(x_ptr, xn_ptr, g_ptr, base, offs, mask, COMPUTE)
     y = x + step * g
-    y = tl.where(dnorm > eps, xn + (y - xn) * shrink, y)  # inside the ball: y itself, bit for bit
+    y = tl.where(outside, xn + (y - xn) * shrink, y)  # inside the ball: y itself, bit for bit
     y = tl.minimum(tl.maximum(y, tl.cast(lower, COMPUTE)), tl.cast(upper, COMPUTE))
     tl.store(out_ptr + base + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -172,7 +182,7 @@ def pgd_step(out: torch.Tensor, x_adv: torch.Tensor, x_nat: torch.Tensor, grad: 
                                n, per_sample, EPS_PER_SAMPLE=eps_ps, ALPHA_PER_SAMPLE=alpha_ps,
                                COMPUTE=compute, BLOCK=block, num_warps=warps)
     elif norm == 1:
-        parts = torch.empty((nb, 3, per_sample), dtype=compute_torch, device=out.device)
+        parts = torch.empty((nb, 3, per_sample), dtype=torch.float64, device=out.device)
         _pgd_l2_partials_kernel[grid](x, xn, g, parts, n, per_sample, COMPUTE=compute, BLOCK=block,
                                       num_warps=warps)
         _pgd_l2_apply_kernel[grid](x, xn, g, work, parts, eps_t, alpha_t, eps_s, alpha_s,
@@ -185,3 +195,37 @@ def pgd_step(out: torch.Tensor, x_adv: torch.Tensor, x_nat: torch.Tensor, grad: 
     if work is not out:
         out.copy_(work)
     return out
+
+
+def aot_variants(arch: int):
+    """The launches pgd_step can produce (kernels/aot.py): every image dtype, scalar or per-sample
+    radii, and the block sizes of a tiny and an ImageNet (3x224x224) sample."""
+    from advfast.kernels.aot import Variant
+
+    names = {torch.float32: "fp32", torch.float64: "fp64", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    batch = 4096
+    for dtype, tname in names.items():
+        compute = "fp64" if dtype == torch.float64 else "fp32"
+        radii = [(True, True)] if dtype == torch.float64 else [(a, b) for a in (False, True) for b in (False, True)]
+        for n in (100, 3 * 224 * 224):  # blocks of 256 and 4096 (CIFAR's 3072 shares the latter)
+            block, warps = _block_size(n)
+            per_sample = triton.cdiv(n, block)
+            grid = (batch * per_sample, 1, 1)
+            ints = ("N",) if n % 16 == 0 else ()
+            elem = dict(x_ptr=f"*{tname}", xn_ptr=f"*{tname}", g_ptr=f"*{tname}", out_ptr=f"*{tname}",
+                        part_ptr="*fp64", eps_ptr=f"*{compute}", alpha_ptr=f"*{compute}", eps_s="fp32",
+                        alpha_s="fp32", lower="fp32", upper="fp32", N="i32", BLOCKS_PER_SAMPLE="i32")
+
+            def variant(fn, label, **consts):
+                signature = tuple((a, elem.get(a, "constexpr")) for a in fn.arg_names)
+                ptrs = tuple(a for a, t in signature if t.startswith("*"))
+                return Variant(f"{__name__}.{fn.__name__}", signature,
+                               tuple(sorted(dict(consts, COMPUTE=compute, BLOCK=block).items())), ptrs + ints,
+                               warps, 3, grid, label=f"{tname} n={n} {label}")
+
+            yield variant(_pgd_l2_partials_kernel, "")
+            for eps_ps, alpha_ps in radii:
+                flags = dict(EPS_PER_SAMPLE=eps_ps, ALPHA_PER_SAMPLE=alpha_ps)
+                label = f"eps/sample={eps_ps} alpha/sample={alpha_ps}"
+                yield variant(_pgd_linf_kernel, label, **flags)
+                yield variant(_pgd_l2_apply_kernel, label, PARTS=max(2, triton.next_power_of_2(per_sample)), **flags)

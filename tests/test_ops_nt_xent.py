@@ -9,8 +9,9 @@ from advfast.ops.contrastive import POSITIVE_MODES, nt_xent, nt_xent_reference
 
 BACKENDS = ["torch", "torch-chunked", "triton"]
 EPS32 = torch.finfo(torch.float32).eps
-# (V, D, T): every V, D and T appears without the full product (the interpreter is slow).
-CASES = [(2, 64, 0.05), (3, 128, 0.2), (4, 130, 0.5), (3, 64, 1.0)]
+# (V, D, T, arch): every V, D and T appears without the full product (the interpreter is slow); arch
+# picks the triton backend's sm_80 or sm_90 configuration (kernels/configs.py).
+CASES = [(2, 64, 0.05, 80), (3, 128, 0.2, 90), (4, 130, 0.5, 90), (3, 64, 1.0, 80), (2, 130, 0.2, 80)]
 
 
 def loss_and_grad(fn, z):
@@ -71,8 +72,10 @@ def test_two_views_is_simclr_for_both_modes(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("positives", POSITIVE_MODES)
-@pytest.mark.parametrize("num_views,dim,temperature", CASES)
-def test_matches_float64_reference(backend, positives, num_views, dim, temperature, small_chunks):
+@pytest.mark.parametrize("num_views,dim,temperature,arch", CASES)
+def test_matches_float64_reference(backend, positives, num_views, dim, temperature, arch, small_chunks,
+                                   monkeypatch):
+    monkeypatch.setenv("ADVFAST_TRITON_ARCH", str(arch))
     B = 37  # a multiple of no tile size
     z = torch.randn(num_views * B, dim)
     ref_loss, ref_grad = loss_and_grad(lambda x: nt_xent_reference(x, num_views, temperature, positives), z.double())
@@ -83,8 +86,9 @@ def test_matches_float64_reference(backend, positives, num_views, dim, temperatu
 
 
 @pytest.mark.parametrize("backend", ["torch-chunked", "triton"])
-@pytest.mark.parametrize("positives,temperature", [("mean_log_prob", 0.05), ("sum_in_numerator", 0.5)])
-def test_bf16_within_twice_eager_error(backend, positives, temperature):
+@pytest.mark.parametrize("positives,temperature,arch", [("mean_log_prob", 0.05, 80), ("sum_in_numerator", 0.5, 90)])
+def test_bf16_within_twice_eager_error(backend, positives, temperature, arch, monkeypatch):
+    monkeypatch.setenv("ADVFAST_TRITON_ARCH", str(arch))
     V, B, D = 4, 37, 128
     z = torch.randn(V * B, D)
     ref_loss, ref_grad = loss_and_grad(lambda x: nt_xent_reference(x, V, temperature, positives), z.double())
@@ -167,6 +171,35 @@ def test_kernel_core_small_tiles_many_splits(pos_mode):
     ds = (torch.softmax(s, 1) * g_lse.double()[:, None] + w * g_pos.double()[:, None]) * scale
     assert rel_err(dq.double(), ds @ z.double()) <= 1e-5
     assert rel_err(dk.double(), ds.T @ z.double()) <= 1e-5
+
+
+def test_triton_loss_compiles_without_graph_break():
+    """The triton core is a registered custom op (advfast.ops.contrastive_triton_op): a compiled
+    function containing both losses is one graph, and its gradients match eager."""
+    from advfast.ops.contrastive import info_nce
+
+    def step(z, q, k, queue):
+        return nt_xent(z * 2.0, 2, 0.5, backend="triton") + info_nce(q, k, queue, 0.2, backend="triton")
+
+    z, q, k, queue = torch.randn(14, 16), torch.randn(5, 16), torch.randn(5, 16), torch.randn(30, 16)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(step)(z, q, k, queue)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    leaves = [x.clone().requires_grad_(True) for x in (z, q, k)]
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    compiled(*leaves, queue).backward()
+    eager = [x.clone().requires_grad_(True) for x in (z, q, k)]
+    step(*eager, queue).backward()
+    for a, b in zip(leaves, eager):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+
+
+def test_triton_custom_ops_pass_opcheck():
+    from advfast.ops.contrastive_triton_op import row_lse
+
+    z = torch.randn(12, 16, requires_grad=True)
+    torch.library.opcheck(row_lse, (z, z.detach(), 2.0, True, 6, 2), test_utils=("test_schema", "test_faketensor"))
 
 
 _Z = torch.randn(12, 8)

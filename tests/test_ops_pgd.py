@@ -188,6 +188,22 @@ def test_zero_gradient_stays_put(backend, norm):
     torch.testing.assert_close(out, x_adv, atol=2 ** -23, rtol=0)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])  # cpp/cuda: see the C1 report (issue 14 item 7)
+def test_l2_step_for_a_gradient_whose_float32_sum_of_squares_underflows(backend):
+    """|g| ~ 1e-24: every g*g is below float32's smallest subnormal, yet the direction is well
+    defined and every backend must take the full step alpha * g / ||g|| (no flush-to-zero norm)."""
+    need(backend)
+    x_nat = torch.rand(3, 2, 9, 9, device=DEVICE)
+    x_adv = x_nat.clone()
+    grad = torch.randn(3, 2, 9, 9, device=DEVICE) * 1e-24
+    grad[1] = 0.0  # and a zero gradient next to it still stays put
+    ref = pgd_step_reference(x_adv.double(), x_nat.double(), grad.double(), 0.5, 0.1, "l2", -10.0, 10.0)
+    out = pgd_step(x_adv, x_nat, grad, 0.5, 0.1, norm="l2", lower=-10.0, upper=10.0, backend=backend)
+    moved = (out.double() - x_adv.double()).flatten(1).norm(dim=1)
+    assert torch.allclose(moved, torch.tensor([0.1, 0.0, 0.1], dtype=torch.float64, device=DEVICE), atol=1e-6)
+    torch.testing.assert_close(out.double(), ref, atol=ATOL[torch.float32], rtol=0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_custom_bounds_and_empty_batch(backend, norm):
@@ -422,11 +438,11 @@ for per_sample in (False, True):
             EPS_PER_SAMPLE=per_sample, ALPHA_PER_SAMPLE=per_sample, COMPUTE=compute, BLOCK=4096), aligned),
             target=target, options={"num_warps": 8})
         assert "ld.global.v4" in c.asm["ptx"], "aligned loads should vectorise"
-partials = dict(x_ptr="*fp32", xn_ptr="*fp32", g_ptr="*fp16", part_ptr="*fp32", N="i32",
+partials = dict(x_ptr="*fp32", xn_ptr="*fp32", g_ptr="*fp16", part_ptr="*fp64", N="i32",
                 BLOCKS_PER_SAMPLE="i32", COMPUTE="constexpr", BLOCK="constexpr")
 triton.compile(ASTSource(k._pgd_l2_partials_kernel, partials, dict(COMPUTE=tl.float32, BLOCK=4096)),
                target=target, options={"num_warps": 8})
-apply = {**common, "part_ptr": "*fp32", "PARTS": "constexpr"}
+apply = {**common, "part_ptr": "*fp64", "PARTS": "constexpr"}
 apply = {name: apply[name] for name in k._pgd_l2_apply_kernel.arg_names}
 triton.compile(ASTSource(k._pgd_l2_apply_kernel, apply, dict(
     EPS_PER_SAMPLE=True, ALPHA_PER_SAMPLE=False, COMPUTE=tl.float32, BLOCK=4096, PARTS=64)),

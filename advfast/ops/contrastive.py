@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from advfast.ops._dispatch import device_guard, resolve
+from advfast.ops._dispatch import resolve
 
 IMPLEMENTED = ("triton", "torch-chunked", "torch")
 POSITIVE_MODES = ("mean_log_prob", "sum_in_numerator")
@@ -190,46 +190,43 @@ def _chunked_backward(q, keys, scale, lse, g_lse, pos, g_pos, mask_diag, period,
 
 
 class _RowLogSumExp(torch.autograd.Function):
-    """(lse, pos) per query row; see kernels/contrastive.py for the definitions."""
+    """(lse, pos) per query row on the torch-chunked backend; see kernels/contrastive.py for the definitions."""
 
     @staticmethod
-    def forward(ctx, q, keys, scale, mask_diag, period, pos_mode, backend):
-        if backend == "triton":
-            from advfast.kernels import contrastive as kern
-
-            with device_guard(q.device):
-                lse, pos = kern.lse_forward(q, keys, scale, mask_diag, period, pos_mode)
-        else:
-            lse, pos = _chunked_forward(q, keys, scale, mask_diag, period, pos_mode)
+    def forward(ctx, q, keys, scale, mask_diag, period, pos_mode):
+        lse, pos = _chunked_forward(q, keys, scale, mask_diag, period, pos_mode)
         if pos is None:
             pos = torch.zeros_like(lse)
             ctx.mark_non_differentiable(pos)
         ctx.save_for_backward(q, keys, lse, pos)
-        ctx.args = (scale, mask_diag, period, pos_mode, backend)
+        ctx.args = (scale, mask_diag, period, pos_mode)
         return lse, pos
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g_lse, g_pos):
         q, keys, lse, pos = ctx.saved_tensors
-        scale, mask_diag, period, pos_mode, backend = ctx.args
+        scale, mask_diag, period, pos_mode = ctx.args
         need_dq, need_dk = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if g_lse is None:
             g_lse = torch.zeros_like(lse)
         if g_pos is None or pos_mode == 0:
             g_pos = torch.zeros_like(lse)
-        if backend == "triton":
-            from advfast.kernels import contrastive as kern
-
-            with device_guard(q.device):
-                dq, dk = kern.lse_backward(q, keys, scale, lse, g_lse, pos, g_pos, mask_diag, period, pos_mode,
-                                           need_dq=need_dq, need_dk=need_dk)
-        else:
-            dq, dk = _chunked_backward(q, keys, scale, lse, g_lse.to(lse.dtype), pos, g_pos.to(lse.dtype),
-                                       mask_diag, period, pos_mode, need_dq, need_dk)
+        dq, dk = _chunked_backward(q, keys, scale, lse, g_lse.to(lse.dtype), pos, g_pos.to(lse.dtype),
+                                   mask_diag, period, pos_mode, need_dq, need_dk)
         dq = dq.to(q.dtype) if dq is not None else None
         dk = dk.to(keys.dtype) if dk is not None else None
-        return dq, dk, None, None, None, None, None
+        return dq, dk, None, None, None, None
+
+
+def _row_lse(q, keys, scale, mask_diag, period, pos_mode, backend):
+    """(lse, pos) per row on the triton backend (a registered custom op: no graph break under
+    torch.compile, see contrastive_triton_op) or the torch-chunked one."""
+    if backend == "triton":
+        from advfast.ops.contrastive_triton_op import row_lse
+
+        return row_lse(q, keys, float(scale), bool(mask_diag), int(period), int(pos_mode))
+    return _RowLogSumExp.apply(q, keys, scale, mask_diag, period, pos_mode)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,9 +275,9 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None = None
     acc = _acc_dtype(q)
     pos = (q.to(acc) * k.to(acc)).sum(dim=1) * scale
     if queue is None:
-        lse, _ = _RowLogSumExp.apply(q, k, scale, False, 1, 0, backend)
+        lse, _ = _row_lse(q, k, scale, False, 1, 0, backend)
     else:
-        lse_neg, _ = _RowLogSumExp.apply(q, queue, scale, False, 1, 0, backend)
+        lse_neg, _ = _row_lse(q, queue, scale, False, 1, 0, backend)
         lse = torch.logaddexp(pos, lse_neg)
     return (lse - pos).mean().to(q.dtype)
 
@@ -318,7 +315,7 @@ def nt_xent(z: torch.Tensor, num_views: int, temperature: float = 0.5, positives
         z = F.normalize(z, dim=1)
     batch = z.shape[0] // num_views
     mode = _POS_MODE[positives]
-    lse, pos = _RowLogSumExp.apply(z, z, 1.0 / t, True, batch, mode, backend)
+    lse, pos = _row_lse(z, z, 1.0 / t, True, batch, mode, backend)
     if mode == 1:
         pos = pos / (num_views - 1)
     return (lse - pos).mean().to(z.dtype)

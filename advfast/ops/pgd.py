@@ -123,7 +123,10 @@ def _per_sample(value: float | torch.Tensor, x: torch.Tensor) -> float | torch.T
 
 
 def _sample_norms(t: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(t.flatten(1), dim=1).reshape((t.shape[0],) + (1,) * (t.dim() - 1))
+    """Per-sample l2 norms in float64, as the kernels compute them: a float32 gradient whose sum of
+    squares underflows float32 (|g| ~ 1e-23) still has a norm, so it still gets a step."""
+    norms = torch.linalg.vector_norm(t.flatten(1), dim=1, dtype=torch.float64)
+    return norms.reshape((t.shape[0],) + (1,) * (t.dim() - 1))
 
 
 def pgd_step_reference(x_adv: torch.Tensor, x_nat: torch.Tensor, grad: torch.Tensor,
@@ -141,13 +144,14 @@ def pgd_step_reference(x_adv: torch.Tensor, x_nat: torch.Tensor, grad: torch.Ten
         y = torch.minimum(torch.maximum(y, xn - eps), xn + eps)
     elif norm == "l2":
         gnorm = _sample_norms(g)
-        step = torch.where(gnorm > 0, alpha / torch.where(gnorm > 0, gnorm, 1.0), 0.0)
+        step = torch.where(gnorm > 0, alpha / torch.where(gnorm > 0, gnorm, 1.0), 0.0).to(compute)
         y = x + step * g
         delta = y - xn
         dnorm = _sample_norms(delta)
         too_long = dnorm > eps
         # Samples inside the ball keep y itself (not xn + delta): a zero gradient leaves x bit for bit.
-        y = torch.where(too_long, xn + delta * (eps / torch.where(too_long, dnorm, 1.0)), y)
+        shrink = (eps / torch.where(too_long, dnorm, 1.0)).to(compute)
+        y = torch.where(too_long, xn + delta * shrink, y)
     else:
         raise ValueError(f"norm must be one of {sorted(NORMS)}, got {norm!r}")
     return y.clamp(lower, upper).to(x_adv.dtype)
