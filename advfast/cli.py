@@ -60,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --resume: let this setting differ from the run's (e.g. --allow-change optim.lr "
                         "--set optim.lr=0.05 after a divergence); repeatable")
     p.add_argument("--overwrite", action="store_true", help="replace the run in --out")
+    p.add_argument("--break-lock", action="store_true",
+                   help="take the run directory's lock even when another process or host holds it "
+                        "(only when that run is known to be gone: two runs in one directory corrupt it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -277,7 +280,7 @@ def _make_trainer(cfg, args):
 
     validate(cfg)
     return Trainer(cfg, resume=args.resume, overwrite=args.overwrite,
-                   allow_change=tuple(dict.fromkeys(args.allow_change)))
+                   allow_change=tuple(dict.fromkeys(args.allow_change)), break_lock=args.break_lock)
 
 
 def train_main(argv: list[str] | None = None) -> int:

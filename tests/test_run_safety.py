@@ -205,6 +205,19 @@ def test_a_lock_from_another_host_is_reported_with_its_age_and_can_be_broken(tra
     assert not (run / LOCK_FILE).exists()
 
 
+
+def test_the_cli_refuses_a_remote_lock_in_one_line_and_break_lock_takes_it(trained, tmp_path, capsys):
+    run = copy_run(trained, tmp_path / "run")
+    _write_lock(run, pid=4242, host="node-elsewhere")
+    before = tree(run)
+    argv = ["--resume", "--out", str(run), "--no-progress", "--set", "max_steps=3"]
+    assert train_main(argv) == 2
+    assert "--break-lock" in one_line_error(capsys)
+    assert tree(run) == before
+    assert train_main(argv + ["--break-lock"]) == 0
+    assert "breaking the lock" in capsys.readouterr().out
+    assert not (run / LOCK_FILE).exists()
+
 def _env():
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     env.pop(KILL_HOOK_ENV, None)
