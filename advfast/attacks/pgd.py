@@ -3,7 +3,9 @@
 The closure ``loss_fn(x) -> scalar`` decides everything model-side: which model, train or eval
 mode, which BN branch, which loss (contrastive, instance-wise, CE, TRADES KL). The attack only
 ascends it: ``torch.autograd.grad(loss, x)`` computes the input gradient and nothing else (no
-weight gradients are computed, parameters' ``.grad`` are never touched), and each step is one
+weight gradients are computed, parameters' ``.grad`` are never touched; for a torch.compile'd model
+only while its parameters do not require grad, which ``input_only_gradients`` arranges and
+``Method.run_attack`` uses), and each step is one
 fused ``advfast.ops.pgd_step_`` (ascent step, projection onto the eps-ball, clamp to
 [lower, upper]). The perturbed images stay float32 even when the model runs under autocast.
 
