@@ -7,6 +7,7 @@ Both reduce to one core, the per-row log-sum-exp of scaled similarities between 
   torch-chunked  walks the keys in chunks with an online log-sum-exp, forward and backward, so memory
                  stays O(rows * D + rows * chunk) at any number of keys (any device)
   triton         kernels/contrastive.py: the same walk in tiles on the GPU (CPU under TRITON_INTERPRET=1)
+                 and registered as custom ops (contrastive_triton_op), so torch.compile keeps one graph
 
 "auto" takes triton on CUDA, torch-chunked when the logits would be large, else torch. The L2
 normalisation runs in torch before the core (it is O(rows * D) and differentiable as is).
