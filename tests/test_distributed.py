@@ -90,11 +90,12 @@ def _one_step(method, step, batch):
 
 
 def _worker(out_dir: str) -> None:
+    from advfast import dist as C
     from advfast.engine import distributed as D
 
     torch.set_num_threads(1)
     info, device = D.setup(torch.device("cpu"))
-    assert info.world_size == WORLD and D.is_active() and D.world_size() == WORLD
+    assert info.world_size == WORLD and C.is_active() and C.world_size() == WORLD
     try:
         for name in METHODS:
             method = _build(name)
@@ -207,11 +208,12 @@ def test_two_ranks_match_one_process_with_the_global_batch(rank_results, name):
 
 
 def test_gather_helpers_are_the_identity_in_one_process():
+    from advfast import dist as C
     from advfast.engine import distributed as D
 
     z = torch.randn(6, 4, requires_grad=True)
-    assert D.gather_views(z, 2) is z and D.all_gather(z) is z and D.gather_with_grad(z) is z
-    assert D.world_size() == 1 and D.rank() == 0 and D.is_main()
+    assert C.gather_views(z, 2) is z and C.all_gather(z) is z and C.gather_with_grad(z) is z
+    assert C.world_size() == 1 and C.rank() == 0 and C.is_main()
     method = _build("simclr")
     assert D.wrap_step(method, torch.device("cpu")) == method.training_step  # no DDP in one process
 

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from advfast.engine.distributed import all_gather
+from advfast.dist import all_gather
 from advfast.ops.contrastive import info_nce
 from advfast.losses import MemoryBank
 from advfast.methods import register
@@ -151,12 +151,8 @@ class AMOC(Method):
         return self._nce(q, k, self.negatives_bank) * x_q.shape[0]
 
     def attack(self, x_q: torch.Tensor, x_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        was_training = self.training
-        self.eval()
-        try:
+        with self.attack_mode():
             x_adv = self.run_attack("attack", lambda: self.attack_objective, torch.cat([x_q, x_k]))
-        finally:
-            self.train(was_training)
         return x_adv.chunk(2)
 
     # ---- the recipe -------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ same order of events.
 
 Under torchrun (DDP) the keys of every rank are gathered into the queue, so the queues of all ranks
 stay identical and hold the global batch's keys; the loss is each rank's own queries against their
-keys and that queue, as in the official code. Shuffle-BN (the official multi-GPU key-BN trick) is
-not implemented: the key BN sees each rank's own batch (docs/distributed.md).
+keys and that queue, as in the official code. The key encoder uses shuffle-BN (the official
+multi-GPU key-BN trick: advfast.methods.momentum, docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from advfast.engine.distributed import all_gather
+from advfast.dist import all_gather
 from advfast.ops.contrastive import info_nce
 from advfast.data.presets import Flip, Grayscale, Jitter, ResizedCrop
 from advfast.losses import MemoryBank

@@ -13,7 +13,7 @@ statistics are *not* averaged: the key encoder accumulates its own from the batc
 train mode, exactly as MoCo (facebookresearch/moco ``_momentum_update_key_encoder``) and AMOC
 (``momentum_update_key_encoder``) do.
 
-Under torchrun the key forward in train mode uses shuffle-BN (``engine.distributed.shuffled_forward``,
+Under torchrun the key forward in train mode uses shuffle-BN (``advfast.dist.shuffled_forward``,
 as the official MoCo's ``_batch_shuffle_ddp``): each rank encodes a random slice of the global key
 batch. In one process (or in eval mode, e.g. inside an attack) it is the plain forward.
 """
@@ -25,7 +25,7 @@ import copy
 import torch
 from torch import nn
 
-from advfast.engine.distributed import shuffled_forward
+from advfast.dist import shuffled_forward
 from advfast.ops.ema import ema_update_
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from advfast.engine.distributed import gather_views
+from advfast.dist import gather_views
 from advfast.ops.contrastive import nt_xent
 from advfast.methods import register
 from advfast.methods.base import Method
@@ -99,7 +99,7 @@ class SimCLR(Method):
 
     def contrastive_loss(self, z: torch.Tensor) -> torch.Tensor:
         """NT-Xent of the 2B rows of ``z``, view-major (rows i and i+B are one image's two views).
-        Under torchrun every rank contrasts against the global batch (engine.distributed)."""
+        Under torchrun every rank contrasts against the global batch (advfast.dist)."""
         return nt_xent(gather_views(z, 2), 2, temperature=self.temperature, backend=self.options.loss_backend)
 
     def training_step(self, batch):
