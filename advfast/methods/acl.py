@@ -71,12 +71,8 @@ class ACL(SimCLR):
 
     # ---- attacks (model in eval mode, as the official PGD_contrastive) ------------------------------
     def _attack(self, site: str, make_loss, x: torch.Tensor, context=()) -> torch.Tensor:
-        was_training = self.training
-        self.eval()
-        try:
+        with self.attack_mode():
             return self.run_attack(site, make_loss, x, context).detach()
-        finally:
-            self.train(was_training)
 
     def attack_both(self, x: torch.Tensor) -> torch.Tensor:
         """Both views (stacked view-major in ``x``) attacked jointly on the adversarial branch."""
@@ -84,13 +80,8 @@ class ACL(SimCLR):
 
     def attack_first(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         """View 1 attacked against the fixed clean features of view 2 (A2S)."""
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.no_grad():
-                z2 = self.embed(x2, "normal")
-        finally:
-            self.train(was_training)
+        with self.attack_mode(), torch.no_grad():
+            z2 = self.embed(x2, "normal")
         return self._attack("first", lambda z2: lambda xa: self.contrastive_loss(
             torch.cat([self.embed(xa, self.adv_branch), z2])), x1, (z2,))
 

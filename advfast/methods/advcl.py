@@ -260,9 +260,7 @@ class AdvCL(Method):
         b = org.shape[0]
         use_ce = bool(self.ks)
         refresh = self.options.refresh_clean_views
-        was_training = self.training
-        self.train(self.options.attack_mode == "train")
-        try:
+        with self.attack_mode(train=self.options.attack_mode == "train"):
             def clean_views(x1, x2, x_hfc):
                 return [self.embed(x1, "normal"), self.embed(x2, "normal"), self.embed(x_hfc, "normal")]
 
@@ -290,8 +288,6 @@ class AdvCL(Method):
 
             x_nat = torch.cat([org, org]) if use_ce else org
             x_adv = self.run_attack("attack", make_loss, x_nat, context)
-        finally:
-            self.train(was_training)
         x_adv = x_adv.detach()
         return (x_adv[:b], x_adv[b:]) if use_ce else (x_adv, None)
 

@@ -7,11 +7,15 @@ engine must checkpoint (momentum encoders, queues as buffers). The engine calls,
     loss.backward(); optimizer.step()
     method.after_optimizer_step()                 # EMA of key encoders, etc.
 
-and uses ``method.encoder`` with ``method.eval_branch`` for evaluation and export.
+and uses ``method.encoder`` with ``method.eval_branch`` for evaluation and export. Hooks beyond the
+iteration (advfast.methods.hooks): ``on_epoch_start(epoch)`` before each epoch's batches are drawn (views
+may change there through ``self.augment.set_views``), ``stages()`` for training after pre-training, and
+``encoder_inputs`` for pre-trained encoders (a teacher) given as run directories.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import typing
 from typing import Any, ClassVar
@@ -21,6 +25,7 @@ from torch import nn
 
 from advfast import attacks
 from advfast.config import TrainConfig, closest, coerce, field_names
+from advfast.methods.hooks import EncoderInput, Stage
 
 
 class Method(nn.Module):
@@ -29,6 +34,9 @@ class Method(nn.Module):
     default_variant: ClassVar[str | None] = None
     augment_preset: ClassVar[str] = "simclr"  # the data preset that produces this method's views
     attack_graphs: attacks.AttackGraphs | None = None  # set by the engine under cuda_graph_attack
+    augment = None  # the run's advfast.data.Augment, set by the engine (for on_epoch_start's set_views)
+    # options naming pre-trained encoders (a teacher): checked and loaded frozen by the engine
+    encoder_inputs: ClassVar[tuple[EncoderInput, ...]] = ()
 
     @dataclasses.dataclass
     class Options:  # method-specific knobs; subclasses replace this dataclass
@@ -101,8 +109,42 @@ class Method(nn.Module):
                 return attack_fn(make_loss(*context), x_nat)
             return self.attack_graphs.run(f"{self.name}.{site}", attack_fn, make_loss, x_nat, context)
 
+    @contextlib.contextmanager
+    def attack_mode(self, train: bool = False):
+        """The method in eval mode (train mode with ``train=True``) inside the block, its previous mode
+        restored after, also on an exception: the mode switch around an attack."""
+        was_training = self.training
+        self.train(train)
+        try:
+            yield
+        finally:
+            self.train(was_training)
+
     def after_optimizer_step(self) -> None:
         """Momentum encoders, queues and anything else updated after the weights change."""
+
+    # ---- hooks beyond the iteration (advfast.methods.hooks) -----------------------------------------
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called before pre-training epoch ``epoch`` (0-based) draws its batches, also for the epoch a
+        resume lands in. Views may change here (``self.augment.set_views(...)``); anything it sets must be
+        a function of ``epoch`` (a resume calls it again rather than restoring it)."""
+
+    def main_stage(self, export: bool = False) -> Stage:
+        """Pre-training as a stage: ``cfg.epochs`` of ``training_step`` with ``cfg.optim``."""
+        return Stage("pretrain", self.cfg.epochs, self.training_step, on_epoch_start=self.on_epoch_start,
+                     after_optimizer_step=self.after_optimizer_step, export=export)
+
+    def stages(self) -> list[Stage]:
+        """The training stages in order, pre-training first. Override to add stages after it, e.g.
+        ``[self.main_stage(export=True), Stage("finetune", ...)]``."""
+        return [self.main_stage()]
+
+    def set_encoder_input(self, option: str, encoder: nn.Module, meta: dict) -> None:
+        """Receives each ``encoder_inputs`` encoder, frozen, on the run's device, before any stage starts.
+        Kept in ``self.inputs`` (not a submodule: not in the checkpoints, the optimiser or DDP)."""
+        if "inputs" not in self.__dict__:
+            self.__dict__["inputs"] = {}
+        self.__dict__["inputs"][option] = encoder
 
     def trainable_parameters(self):
         """Parameters the optimiser updates (momentum encoders excluded)."""

@@ -75,12 +75,8 @@ class MoCoAdv(MoCo):
         return self.contrast(self.query(x), k) * x.shape[0]
 
     def attack(self, x_q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        was_training = self.training
-        self.train(self.options.attack_train_mode and was_training)
-        try:
+        with self.attack_mode(train=self.options.attack_train_mode and self.training):
             return self.run_attack("attack", lambda k: lambda x: self.attack_objective(x, k), x_q, (k,))
-        finally:
-            self.train(was_training)
 
     def training_step(self, batch):
         x_q, x_k = batch.views[0], batch.views[1]

@@ -120,9 +120,7 @@ class RoCL(Method):
 
     def attack(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         """Instance-wise attack on t1 with t2 as the positive, model and projector in eval mode."""
-        was_training = self.training
-        self.eval()
-        try:
+        with self.attack_mode():
             def make_loss(x2):
                 def loss_fn(x):  # eval mode: one forward, then the groups (features do not depend on the batch)
                     z = self.project(torch.cat([x, x2]))
@@ -130,8 +128,6 @@ class RoCL(Method):
                 return loss_fn
 
             x_adv = self.run_attack("attack", make_loss, x1, (x2,))
-        finally:
-            self.train(was_training)
         return x_adv.detach()
 
     def training_step(self, batch):
