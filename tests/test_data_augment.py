@@ -71,7 +71,7 @@ def test_presets_hold_the_official_parameters():
         "simclr": (acl, acl), "mocov2": (amoc, amoc), "advcl": (advcl, advcl, pad_crop),
         "rocl": (rocl, rocl, (Original(),)), "finetune": (pad_crop,), "none": ((Original(),),)}
     # AMOC's PIL GaussianBlur(radius=sigma) reaches ~3 sigma: 13 taps at sigma 2 on 32x32 views
-    from advfast.data.augment import blur_kernel_size
+    from advfast.data.sizes import blur_kernel_size
     assert blur_kernel_size(2.0, (32, 32)) == 13
 
 

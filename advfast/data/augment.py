@@ -28,20 +28,9 @@ import torch
 from advfast.data import torch_ops
 from advfast.data.presets import (Blur, Flip, Grayscale, Jitter, Original, PadCrop, ResizedCrop,
                                   geometric_op, resolve_views)
+from advfast.data.sizes import blur_kernel_size, out_size
 
 BACKENDS = ("torch", "dali", "torchvision")
-
-
-def blur_kernel_size(sigma_max: float, size: tuple[int, int]) -> int:
-    """Odd kernel covering +-3 sigma_max (13 taps for sigma 2), shrunk to fit reflect padding."""
-    k = 2 * math.ceil(3 * sigma_max) + 1
-    return min(k, 2 * (min(size) - 1) + 1)
-
-
-def _out_size(size, image_shape) -> tuple[int, int]:
-    if size is None:
-        return int(image_shape[-2]), int(image_shape[-1])
-    return size
 
 
 class Augment:
@@ -68,7 +57,7 @@ class Augment:
         if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.dim() != 4:
             got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
             raise TypeError(f"augment expects uint8 images (B, C, H, W), got {got}")
-        out = _out_size(self.size, images.shape)
+        out = out_size(self.size, images.shape)
         for view in self.views:
             op = geometric_op(view)
             if isinstance(op, PadCrop):
@@ -83,7 +72,7 @@ class Augment:
         device = torch.device(device) if device is not None else (
             generator.device if generator is not None else torch.device("cpu"))
         h, w = int(image_shape[-2]), int(image_shape[-1])
-        out = _out_size(self.size, image_shape)
+        out = out_size(self.size, image_shape)
         return [self._sample_view(view, batch, h, w, out, generator, device) for view in self.views]
 
     @staticmethod
@@ -160,7 +149,7 @@ class TorchAugment(Augment):
     def apply(self, images, params):
         self.check_images(images)
         x = images.float().div_(255)
-        out = _out_size(self.size, images.shape)
+        out = out_size(self.size, images.shape)
         return [self._apply_view(view, x, p, out) for view, p in zip(self.views, params)]
 
     def _apply_view(self, view, x, p, out):

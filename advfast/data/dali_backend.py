@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from advfast.data.augment import Augment, _out_size, blur_kernel_size
+from advfast.data.augment import Augment
+from advfast.data.sizes import blur_kernel_size, out_size
 from advfast.data.presets import Blur, Flip, Grayscale, Jitter, Original, PadCrop, ResizedCrop
 
 _INSTALL = "pip install nvidia-dali-cuda130 (or advfast[dali])"
@@ -57,7 +58,7 @@ class DaliAugment(Augment):
         from nvidia.dali import fn, pipeline_def, types
 
         h, w = int(shape[-2]), int(shape[-1])
-        out = _out_size(self.size, shape)
+        out = out_size(self.size, shape)
         on_gpu = device.type == "cuda"
         dev = "gpu" if on_gpu else "cpu"
         views = self.views

@@ -15,7 +15,8 @@ import torchvision.transforms as T
 import torchvision.transforms.v2.functional as F
 from torchvision.transforms import InterpolationMode
 
-from advfast.data.augment import Augment, _out_size, blur_kernel_size
+from advfast.data.augment import Augment
+from advfast.data.sizes import blur_kernel_size, out_size
 from advfast.data.presets import Blur, Flip, Grayscale, Jitter, Original, PadCrop, ResizedCrop
 
 _INTERP = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC}
@@ -102,7 +103,7 @@ class TorchvisionAugment(Augment):
         caller's RNG state is restored afterwards). With ``record`` also returns the parameters."""
         self.check_images(images)
         b, _, h, w = images.shape
-        out = _out_size(self.size, images.shape)
+        out = out_size(self.size, images.shape)
         x = images.cpu().float().div_(255)
         views = [[] for _ in self.views]
         params = [[] for _ in self.views]
@@ -122,7 +123,7 @@ class TorchvisionAugment(Augment):
 
     def sample_params(self, batch, image_shape, generator=None, device=None):
         h, w = int(image_shape[-2]), int(image_shape[-1])
-        out = _out_size(self.size, image_shape)
+        out = out_size(self.size, image_shape)
         params = [[] for _ in self.views]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(draw_seed(generator))
@@ -133,7 +134,7 @@ class TorchvisionAugment(Augment):
 
     def apply(self, images, params):
         self.check_images(images)
-        out = _out_size(self.size, images.shape)
+        out = out_size(self.size, images.shape)
         x = images.cpu().float().div_(255)
         result = []
         for view, p in zip(self.views, params):
