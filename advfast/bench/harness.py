@@ -162,7 +162,7 @@ class Session:
             yield from loader
 
     def _worker_batches(self):
-        from advfast.data.loader import Batch, _mix
+        from advfast.data.loader import Batch, mix_seed
         from advfast.data.torchvision_backend import BatchViews
 
         loader = self.trainer.loader  # the classic DeviceLoader: images on the CPU, torchvision augment
@@ -173,7 +173,7 @@ class Session:
                 loader.set_epoch(epoch)
                 shard = loader.epoch_indices()
                 for k in range(len(loader)):
-                    yield shard[k * b:(k + 1) * b], _mix(loader.seed, epoch, loader.rank, 2, k)
+                    yield shard[k * b:(k + 1) * b], mix_seed(loader.seed, epoch, loader.rank, 2, k)
 
         # enough batches for the whole session (an IterableDataset-free sampler must have a length)
         total = self.sizes.warmup + self.sizes.steps * self.sizes.repeats + 8

@@ -29,7 +29,7 @@ class Batch(NamedTuple):
     indices: torch.Tensor  # int64 (B,): positions in the dataset
 
 
-def _mix(*parts: int) -> int:
+def mix_seed(*parts: int) -> int:
     """A 63-bit seed from integers (splitmix64-style), so nearby seeds give unrelated streams."""
     x = 0x9E3779B97F4A7C15
     for p in parts:
@@ -78,7 +78,7 @@ class DeviceLoader:
     def epoch_indices(self) -> torch.Tensor:
         """This rank's indices for the current epoch, in order (before cutting into batches)."""
         home = self.images.device
-        g = torch.Generator(device=home).manual_seed(_mix(self.seed, self.epoch))
+        g = torch.Generator(device=home).manual_seed(mix_seed(self.seed, self.epoch))
         perm = torch.randperm(len(self.dataset), generator=g, device=home)
         return perm[self.rank::self.world_size][: self._shard_size()]
 
@@ -88,7 +88,7 @@ class DeviceLoader:
         if self.classic:
             yield from self._iter_classic(shard, starts)
             return
-        g = torch.Generator(device=self.device).manual_seed(_mix(self.seed, self.epoch, self.rank, 1))
+        g = torch.Generator(device=self.device).manual_seed(mix_seed(self.seed, self.epoch, self.rank, 1))
         for s in starts:
             idx = shard[s:s + self.batch_size]
             views = self.augment(self.images.index_select(0, idx), g)
@@ -97,7 +97,7 @@ class DeviceLoader:
     def _iter_classic(self, shard, starts):
         from advfast.data.torchvision_backend import BatchViews
 
-        items = [(shard[s:s + self.batch_size], _mix(self.seed, self.epoch, self.rank, 2, k))
+        items = [(shard[s:s + self.batch_size], mix_seed(self.seed, self.epoch, self.rank, 2, k))
                  for k, s in enumerate(starts)]
         loader = torch.utils.data.DataLoader(
             BatchViews(self.images, self.labels, self.augment), batch_size=None, sampler=items,

@@ -114,9 +114,9 @@ def rank_seed(seed: int, rank_: int, step: int = 0) -> int:
     ``step``: the seed of a rank resumed at that step (only rank 0's stream is in the checkpoint)."""
     if rank_ == 0 and step == 0:
         return int(seed)
-    from advfast.data.loader import _mix
+    from advfast.data.loader import mix_seed
 
-    return _mix(seed, rank_, 0x5EED, step)
+    return mix_seed(seed, rank_, 0x5EED, step)
 
 
 class NullLogger:
