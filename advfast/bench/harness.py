@@ -127,7 +127,7 @@ def _random_pseudo_labels(cfg, workdir: Path) -> Path:
     from safetensors.torch import save_file
 
     from advfast.data import load_dataset
-    from advfast.engine.trainer import dataset_kwargs
+    from advfast.data.build import dataset_kwargs
     from advfast.methods.pseudo_labels import DEFAULT_KS
 
     n = len(load_dataset(cfg.dataset, cfg.data_dir, "train", False, **dataset_kwargs(cfg)).labels)

@@ -26,6 +26,7 @@ import torch
 import advfast
 from advfast.attacks import AttackGraphs
 from advfast.config import TrainConfig, closest, from_dict, to_dict, validate
+from advfast.data.build import dataset_kwargs
 from advfast.engine import checkpoint as ckpt
 from advfast.engine import distributed
 from advfast.engine.divergence import STOP, decide, weights_finite
@@ -69,17 +70,6 @@ def check_attack_graphs(device: torch.device, distributed_run: bool) -> None:
     if distributed_run:
         raise ValueError("cuda_graph_attack is for single-process runs: under torchrun an attack's forward can run "
                          "collectives (shuffle-BN, SyncBatchNorm) that a per-rank graph must not capture")
-
-
-def dataset_kwargs(cfg: TrainConfig) -> dict[str, Any]:
-    """How each dataset takes cfg.image_size at load time (cifar/stl10 keep their size on disk)."""
-    if cfg.image_size is None:
-        return {}
-    if cfg.dataset in ("digits", "imagefolder"):
-        return {"size": cfg.image_size}
-    if cfg.dataset == "synthetic":
-        return {"image_size": cfg.image_size}
-    return {}
 
 
 def build_config(method: str, variant: str | None = None, dataset: str = "digits",

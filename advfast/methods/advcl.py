@@ -197,13 +197,12 @@ class AdvCL(Method):
         ``pseudo_labels_from`` says); ``pseudo_labels_from=raw_pixels`` computes them in memory;
         ``pseudo_labels_from=RUN`` caches them in RUN as pseudo_labels_{dataset}.safetensors (advfast's
         own documented cache next to the teacher's encoder)."""
-        from advfast.data import load_dataset
-        from advfast.engine.trainer import dataset_kwargs
+        from advfast.data.build import build_dataset
         from advfast.methods import pseudo_labels as pl
 
         o = self.options
         self._check_pseudo_label_inputs(o, cfg)
-        dataset = load_dataset(cfg.dataset, cfg.data_dir, "train", cfg.download, **dataset_kwargs(cfg))
+        dataset = build_dataset(cfg)
         n = len(dataset.labels)
         if o.pseudo_labels is not None:
             return pl.load_pseudo_labels(o.pseudo_labels, num_images=n, ks=self.ks, dataset_name=cfg.dataset)

@@ -394,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from types import SimpleNamespace
 
     from advfast.data import load_dataset
-    from advfast.engine.trainer import dataset_kwargs
+    from advfast.data.build import dataset_kwargs
 
     try:
         ks = [int(k) for k in a.ks.split(",") if k.strip()]
