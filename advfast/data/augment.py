@@ -50,6 +50,21 @@ class Augment:
     def num_views(self) -> int:
         return len(self.views)
 
+    def set_views(self, preset) -> None:
+        """Replace the views (a preset name or a custom tuple of views), e.g. between epochs: the torch
+        backend reads them at every call, the torchvision backend's DataLoader workers receive them with
+        the next epoch's loader, DALI rebuilds its pipeline. The number of views cannot change (a method's
+        step indexes them). Validated first: a bad preset leaves the old views in place."""
+        name, views = resolve_views(preset)
+        if len(views) != len(self.views):
+            raise ValueError(f"set_views: {len(views)} views given, the augmentation makes {len(self.views)}; "
+                             f"the number of views stays fixed for a run")
+        self.preset, self.views = name, views
+        self._views_changed()
+
+    def _views_changed(self) -> None:
+        """Backends that cache anything built from the views drop it here."""
+
     def __repr__(self):
         return f"{type(self).__name__}(preset={self.preset!r}, views={self.num_views}, size={self.size})"
 

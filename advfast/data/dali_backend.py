@@ -128,13 +128,16 @@ class DaliAugment(Augment):
 
     def _pipeline(self, batch, shape, device, generator):
         seed = int(generator.initial_seed() % (2**31)) if generator is not None else 0
-        key = (seed, tuple(shape[1:]), device)
+        key = (seed, tuple(shape[1:]), device, self.views)  # the views are baked into the pipeline graph
         # the last generator is held, so a new one can never reuse its id and be mistaken for it
         if (self._pipe is None or generator is not self._generator or self._key != key
                 or self._pipe[0].max_batch_size < batch):
             self._pipe = self._build(batch, shape, device, seed)
             self._key, self._generator = key, generator
         return self._pipe
+
+    def _views_changed(self) -> None:
+        self._pipe = None  # built for the old views (the key would also tell; this frees it now)
 
     # -- calls -------------------------------------------------------------------------------------
 

@@ -208,6 +208,7 @@ _SIDECAR_TYPES = {"format": str, "step": int, "tensors": str, "sha256": str, "op
                   "arch": str, "epoch": int, "steps_per_epoch": int, "scheduler": dict, "scaler": dict,
                   "config": dict}
 _MAX_STEP = 10 ** 12
+_STAGE_TYPES = {"stage": str, "stage_index": int, "stage_step": int}  # optional: multi-stage methods only
 
 
 def read_sidecar(json_path: Path) -> dict[str, Any]:
@@ -237,6 +238,10 @@ def read_sidecar(json_path: Path) -> dict[str, Any]:
     if not 1 <= spe <= _MAX_STEP or meta["epoch"] != step // spe:
         raise CheckpointError(f"checkpoint {json_path} has epoch {meta['epoch']} and {spe} steps per epoch "
                               f"at step {step} (damaged sidecar)")
+    for key, kind in _STAGE_TYPES.items():  # written by methods with stages after pre-training
+        value = meta.get(key, kind())
+        if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or not 0 <= value <= step)):
+            raise CheckpointError(f"checkpoint {json_path} has a damaged {key!r} (damaged sidecar)")
     optim = meta["optimizer"]
     if not isinstance(optim.get("plain"), dict) or not isinstance(optim.get("param_groups"), list) or \
             not all(isinstance(g, dict) for g in optim["param_groups"]):

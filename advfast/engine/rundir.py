@@ -19,6 +19,7 @@ from advfast.io import atomic_write_json_obj
 
 RUN_FILE = "run.json"
 CHECKPOINTS = "checkpoints"
+STAGES = "stages"  # <run>/stages/<stage name>/encoder.*: exports after the stages of multi-stage methods
 MARKER = ".advfast-run"
 MARKER_FORMAT = "advfast-run-dir-1"
 LOCK_FILE = ".advfast-lock"
@@ -134,3 +135,26 @@ def remove_run_files(path: Path) -> None:
             folder.rmdir()  # only when nothing foreign is left in it
         except OSError:
             pass
+    _remove_stage_exports(path / STAGES)
+
+
+def _remove_stage_exports(stages: Path) -> None:
+    """stages/<name>/encoder*: the exports after each stage of a multi-stage method (foreign files stay)."""
+    if not stages.is_dir() or stages.is_symlink():
+        return
+    for folder in stages.iterdir():
+        if not folder.is_dir() or folder.is_symlink():
+            continue
+        for child in folder.iterdir():
+            if child.is_file() and not child.is_symlink() and (
+                    child.name in ("encoder.safetensors", "encoder.json") or _ENCODER_BRANCH.fullmatch(child.name)
+                    or _TMP_FILE.fullmatch(child.name)):
+                child.unlink()
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
+    try:
+        stages.rmdir()
+    except OSError:
+        pass

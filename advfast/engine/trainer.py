@@ -35,6 +35,8 @@ from advfast.engine.logging import MetricLogger, Progress
 from advfast.engine.precision import resolve_precision, training_settings
 from advfast.engine.rundir import CHECKPOINTS, RUN_FILE, check_run_dir, prepare_run_dir, writable_dir_error
 from advfast.engine.runlock import RunDirLocked, RunLock
+from advfast.engine.stages import (STAGES_DIR, StageStep, check_same_inputs, input_record, load_encoder_inputs,
+                                   plan_stages)
 
 # settings a resumed run may change with allow_change=(...) (--allow-change KEY): they change how the
 # optimisation goes on, not the shapes or the meaning of what was saved
@@ -96,6 +98,20 @@ class Trainer:
         resume; ``break_lock``: take the run directory's lock even from a live or remote owner."""
         validate(cfg)
         self.cfg = cfg
+        cls = self._check_settings(resume, allow_change)
+        self._encoder_inputs = load_encoder_inputs(cls, cls.parse_options(cfg.method_options), cfg)  # reads only
+        self._check_run_dir(resume, overwrite)
+        self._setup_device()
+        self._lock: RunLock | None = None
+        self._break_lock = break_lock
+        # process-wide settings (determinism, TF32) hold while the Trainer builds and trains, not after
+        with training_settings(cfg.deterministic, self.device):
+            self._build(cls, resume, overwrite)
+
+    # ---- __init__, step by step --------------------------------------------------------------------
+    def _check_settings(self, resume: bool, allow_change):
+        """Every setting that can be checked without reading data: returns the method class."""
+        cfg = self.cfg
         self.allow_change = tuple(allow_change)
         bad = [k for k in self.allow_change if k not in CHANGEABLE_ON_RESUME]
         if bad:
@@ -110,28 +126,53 @@ class Trainer:
         if cfg.arch not in available_archs():  # before any data is read: a typo should not wait for a download
             raise ValueError(f"unknown arch {cfg.arch!r}{closest(cfg.arch, available_archs())}; "
                              f"choose from {', '.join(available_archs())}")
-        self.out = Path(cfg.out)
-        check_run_dir(self.out, resume, overwrite)  # reads only
+        return cls
+
+    def _check_run_dir(self, resume: bool, overwrite: bool) -> None:
+        """The run directory can take this run (reads only); on resume, the saved run's settings."""
+        self.out = Path(self.cfg.out)
+        check_run_dir(self.out, resume, overwrite)
         problem = writable_dir_error(self.out)
         if problem:
             raise ValueError(problem)
         self._saved_run = read_run_file(self.out) if resume else None
         self._changes = self._changed_settings(self._saved_run) if resume else []
-        self.precision = resolve_precision(cfg)
-        # under torchrun: the process group and this rank's device (cuda:LOCAL_RANK)
+        if resume:
+            check_same_inputs(self._saved_run.get("encoder_inputs"), input_record(self._encoder_inputs),
+                              self.out / RUN_FILE)
+
+    def _setup_device(self) -> None:
+        """Precision and device; under torchrun the process group and this rank's device (cuda:LOCAL_RANK)."""
+        self.precision = resolve_precision(self.cfg)
         self.dist, device = distributed.setup(self.precision.device)
         if device != self.precision.device:
             self.precision = dataclasses.replace(self.precision, device=device)
         self.device = self.precision.device
-        if cfg.cuda_graph_attack:
+        if self.cfg.cuda_graph_attack:
             check_attack_graphs(self.device, self.dist.enabled)
-        self._lock: RunLock | None = None
-        self._break_lock = break_lock
-        # process-wide settings (determinism, TF32) hold while the Trainer builds and trains, not after
-        with training_settings(cfg.deterministic, self.device):
-            self._build(cls, resume, overwrite)
 
     def _build(self, cls, resume: bool, overwrite: bool) -> None:
+        self._build_data(cls)
+        self._build_method(cls)
+        self._plan(resume)
+        self._build_loop_state()
+        # everything is built: now the disk. Rank 0 locks the run directory for the whole job
+        self._take_lock(create=not resume)
+        try:
+            found = self._find_checkpoint() if resume else None  # reads only: a refusal leaves the run as it was
+            self._enter_stage(self.plan.index_at(found[0]["step"]) if found else 0)
+            self.resumed = found is not None and self._restore(found)
+            if self.dist.is_main:
+                prepare_run_dir(self.out, resume, overwrite)
+            distributed.barrier()
+            if self.dist.is_main:
+                self._write_run_file(self.dataset)
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _build_data(self, cls) -> None:
+        """The dataset, the augmentation of the method's views and this rank's device loader."""
         cfg = self.cfg
         from advfast.data import DeviceLoader, build_augment, load_dataset
 
@@ -150,14 +191,13 @@ class Trainer:
         self.loader = DeviceLoader(dataset, cfg.batch_size // world, self.augment, self.device, seed=cfg.seed,
                                    rank=self.dist.rank, world_size=world)
         self.steps_per_epoch = len(self.loader)
-        self.total_steps = cfg.epochs * self.steps_per_epoch
-        if resume and cfg.max_steps is not None and cfg.max_steps > self.total_steps:
-            raise ValueError(f"max_steps {cfg.max_steps} is beyond the run's {self.total_steps} planned steps "
-                             f"(epochs {cfg.epochs} x {self.steps_per_epoch}), where its learning-rate schedule "
-                             f"ends; give --set max_steps={self.total_steps} or less")
 
+    def _build_method(self, cls) -> None:
+        """The method, seeded, on the device (channels-last, SyncBN, compile, attack graphs as configured),
+        with its augmentation and its encoder inputs."""
+        cfg = self.cfg
         torch.manual_seed(cfg.seed)  # weight init
-        method = cls(cfg, dataset.num_classes, dataset.mean, dataset.std).to(self.device)
+        method = cls(cfg, self.dataset.num_classes, self.dataset.mean, self.dataset.std).to(self.device)
         if self.precision.channels_last:
             method = method.to(memory_format=torch.channels_last)
         if cfg.sync_bn:  # per-branch SyncBatchNorm under torchrun on GPUs (a no-op computation in one process)
@@ -167,35 +207,73 @@ class Trainer:
             advfast.models.compile_encoder(self.method.encoder, backend=cfg.compile_backend)
         if cfg.cuda_graph_attack:
             self.method.attack_graphs = AttackGraphs()
+        self.method.augment = self.augment  # on_epoch_start may change the views
+        for name, (encoder, meta) in self._encoder_inputs.items():
+            self.method.set_encoder_input(name, encoder.to(self.device), meta)
         if self.dist.enabled:  # same weights on every rank (seeded above), own attack randomness per rank
             torch.manual_seed(distributed.rank_seed(cfg.seed, self.dist.rank))
 
-        from advfast.optim import build_optimizer, build_scheduler
+    def _plan(self, resume: bool) -> None:
+        """The method's stages laid out in steps; pre-training alone is one stage of cfg.epochs."""
+        cfg = self.cfg
+        self.plan = plan_stages(self.method.stages(), self.steps_per_epoch, cfg.method)
+        self.total_steps = self.plan.total
+        if resume and cfg.max_steps is not None and cfg.max_steps > self.total_steps:
+            raise ValueError(f"max_steps {cfg.max_steps} is beyond the run's {self.total_steps} planned steps "
+                             f"(epochs {cfg.epochs} x {self.steps_per_epoch}), where its learning-rate schedule "
+                             f"ends; give --set max_steps={self.total_steps} or less")
 
-        self.optimizer = build_optimizer(self.method.trainable_parameters(), cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, steps_per_epoch=self.steps_per_epoch,
-                                         epochs=cfg.epochs)
+    def _build_loop_state(self) -> None:
         self.scaler = self.precision.grad_scaler()
         self.step = 0
         self._epoch_start_rng: dict[str, torch.Tensor] = {}
         self._resume_rng: dict[str, torch.Tensor] | None = None
         self._stop_signal: int | None = None
         self._stop_agreed = False
-        # DDP under torchrun (a collective: every rank has passed the holds_run check above)
-        self._ddp_step = distributed.wrap_step(self.method, self.device) if self.dist.enabled else None
 
-        # everything is built: now the disk. Rank 0 locks the run directory for the whole job
-        self._take_lock(create=not resume)
-        try:
-            self.resumed = resume and self._restore()  # reads only: a refusal leaves the run as it was
-            if self.dist.is_main:
-                prepare_run_dir(self.out, resume, overwrite)
-            distributed.barrier()
-            if self.dist.is_main:
-                self._write_run_file(dataset)
-        except BaseException:
-            self._release_lock()
-            raise
+    # ---- stages --------------------------------------------------------------------------------------
+    def _enter_stage(self, index: int) -> None:
+        """Start stage ``index``: its on_start, a fresh optimiser and schedule, its step under DDP (a
+        collective under torchrun: every rank enters the same stage)."""
+        from advfast.optim import build_optimizer, build_scheduler
+
+        stage = self.plan.stages[index]
+        self.stage_index, self.stage = index, stage
+        if stage.on_start is not None:
+            stage.on_start()
+        optim_cfg = stage.optim if stage.optim is not None else self.cfg.optim
+        params = stage.parameters() if stage.parameters is not None else self.method.trainable_parameters()
+        self.optimizer = build_optimizer(params, optim_cfg)
+        self.scheduler = build_scheduler(self.optimizer, optim_cfg, steps_per_epoch=self.steps_per_epoch,
+                                         epochs=stage.epochs)
+        if not self.dist.enabled:
+            self._ddp_step = None
+        elif stage.training_step is None:  # pre-training: the method itself under DDP
+            self._ddp_step = distributed.wrap_step(self.method, self.device)
+        else:
+            self._ddp_step = distributed.wrap_step(StageStep(self.method, stage.training_step), self.device)
+
+    def _finish_stage(self) -> None:
+        """The stage has trained its last step: its on_end, its export, then the next stage (if any)."""
+        stage = self.stage
+        if stage.on_end is not None:
+            stage.on_end()
+        if stage.export and self.dist.is_main:
+            with self._writing(f"the encoder after stage {stage.name}"):
+                where = self.out / STAGES_DIR / stage.name
+                where.mkdir(parents=True, exist_ok=True)
+                export_encoder(self.method, self.cfg, where, step=self.step, image_size=self._image_size())
+        if self.stage_index + 1 < len(self.plan.stages):
+            self._enter_stage(self.stage_index + 1)
+            self.method.train()
+
+    def _stage_record(self) -> dict[str, Any]:
+        """The stage a checkpoint or a metrics row belongs to; nothing for single-stage methods (their
+        files are as before stages existed)."""
+        if len(self.plan.stages) == 1:
+            return {}
+        return {"stage": self.stage.name, "stage_index": self.stage_index,
+                "stage_step": self.step - self.plan.starts[self.stage_index]}
 
     def _write_run_file(self, dataset) -> None:
         history = list((self._saved_run or {}).get("changes", []))
@@ -209,6 +287,8 @@ class Trainer:
                   "world_size": self.dist.world_size}
         if history:
             record["changes"] = history
+        if self._encoder_inputs:
+            record["encoder_inputs"] = input_record(self._encoder_inputs)
         try:
             ckpt.atomic_write_json(self.out / RUN_FILE, record)
         except OSError as e:
@@ -307,14 +387,15 @@ class Trainer:
             "method": self.cfg.method, "variant": self.method.variant, "arch": self.cfg.arch,
             "epoch": self.step // self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch,
             "scheduler": _jsonable(self.scheduler.state_dict()), "scaler": self.scaler.state_dict(),
+            **self._stage_record(),
         }
         return ckpt.save_checkpoint(self.out / CHECKPOINTS, self.step, model_state=self.method.state_dict(),
                                     optimizer_state=self.optimizer.state_dict(), rng_tensors=rng, meta=meta,
                                     keep_last=self.cfg.keep_last)
 
-    def _restore(self) -> bool:
-        """Load the newest whole checkpoint (damaged ones are skipped with a warning each). Never starts
-        over: no whole checkpoint, or one that does not fit this model, is a one-line CheckpointError."""
+    def _find_checkpoint(self):
+        """The newest whole checkpoint as (meta, parts) (damaged ones are skipped with a warning each).
+        Never starts over: no whole checkpoint is a one-line CheckpointError."""
         skipped: list[str] = []
 
         def warn(message: str) -> None:
@@ -327,6 +408,11 @@ class Trainer:
             raise ckpt.CheckpointError(f"nothing to resume in {self.out}: {what} in {self.out / CHECKPOINTS} "
                                        f"(the run stopped before its first checkpoint?); start it again with "
                                        f"--overwrite")
+        return found
+
+    def _restore(self, found) -> bool:
+        """Load checkpoint ``found`` into the stage it belongs to (entered by the caller); one that does
+        not fit this model is a one-line CheckpointError."""
         meta, parts = found
         for key, mine in (("method", self.cfg.method), ("variant", self.method.variant), ("arch", self.cfg.arch)):
             if meta.get(key) != mine:
@@ -335,6 +421,9 @@ class Trainer:
         if meta["steps_per_epoch"] != self.steps_per_epoch:
             raise ValueError(f"the checkpoint in {self.out} has {meta['steps_per_epoch']} steps per epoch, this "
                              f"configuration {self.steps_per_epoch}; resume with the run's own dataset and batch size")
+        if meta.get("stage", self.stage.name) != self.stage.name:
+            raise ValueError(f"the checkpoint in {self.out} is from stage {meta['stage']!r}, where this {self.cfg.method} "
+                             f"run has stage {self.stage.name!r}; resume with the run's own settings")
         where = self.out / CHECKPOINTS / meta["tensors"]
         try:
             self.method.load_state_dict({k: v.to(self.device) for k, v in parts["model"].items()}, strict=True)
@@ -368,6 +457,8 @@ class Trainer:
                 self._set_rng_state(self._epoch_start_rng)
         if self._resume_rng is None:
             self._epoch_start_rng = {k: v.clone() for k, v in self._rng_state().items()}
+        if self.stage.on_epoch_start is not None:  # views may change here: before the epoch's first draw
+            self.stage.on_epoch_start(epoch - self.plan.starts[self.stage_index] // self.steps_per_epoch)
         self.loader.set_epoch(epoch)
         for i, batch in enumerate(self.loader):
             if i < skip:
@@ -385,13 +476,14 @@ class Trainer:
 
     def train_step(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         with self.precision.autocast():
-            step = self._ddp_step if self._ddp_step is not None else self.method.training_step
+            step = self._ddp_step or self.stage.training_step or self.method.training_step
             loss, metrics = step(self._prepare(batch))
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.method.after_optimizer_step()
+        if self.stage.after_optimizer_step is not None:
+            self.stage.after_optimizer_step()
         self.scheduler.step()
         self.step += 1
         return loss, metrics
@@ -410,50 +502,26 @@ class Trainer:
         cfg = self.cfg
         stop_at = min(self.total_steps, cfg.max_steps or self.total_steps)
         main = self.dist.is_main  # logs, progress, checkpoints and the export: rank 0 only
-        with self._writing("the metrics"):
-            logger = MetricLogger(self.out, resume_step=self.step if self.resumed else None) if main \
-                else distributed.NullLogger()
-        progress = Progress(stop_at, self.step, cfg.progress and self.step < stop_at and main,
-                            desc=f"{cfg.method}" + (f"/{self.method.variant}" if self.method.variant else ""))
-        sums: dict[str, torch.Tensor] = {}
-        count, last = 0, None
-        tick, tick_step = time.perf_counter(), self.step
+        logger, progress = self._open_logs(stop_at)
+        window = _MetricWindow(self.step)
+        last = None
         self.method.train()
         restore_signals = self._catch_signals()
         try:
             while self.step < stop_at and not self._should_stop(False):
-                epoch = self.step // self.steps_per_epoch
-                for batch in self._batches(epoch):
+                for batch in self._batches(self.step // self.steps_per_epoch):
                     lr = self.optimizer.param_groups[0]["lr"]
                     loss, metrics = self.train_step(batch)
-                    for key, value in {"loss": loss, **metrics}.items():
-                        value = value.detach().float()
-                        sums[key] = sums[key] + value if key in sums else value
-                    count += 1
+                    window.add({"loss": loss, **metrics})
                     progress.update()
                     end = self.step >= stop_at or self._should_stop(self.step % cfg.log_every == 0)
                     if self.step % cfg.log_every == 0 or end:
-                        weights_ok = weights_finite(self.method).float().view(1)
-                        values = torch.cat([torch.stack(list(sums.values())).div_(count), weights_ok])
-                        values = distributed.all_reduce_mean(values).tolist()  # rank mean: all ranks decide alike
-                        weights_ok = values.pop() == 1.0  # read with the metrics: still the one sync
-                        now = time.perf_counter()
-                        last = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), "lr": lr,
-                                **dict(zip(sums, values)),
-                                "images_per_s": round(cfg.batch_size * (self.step - tick_step) / max(now - tick, 1e-9), 2)}
-                        sums, count, tick, tick_step = {}, 0, now, self.step
-                        self._stop_if_diverged(last["loss"], weights_ok)
-                        with self._writing("the metrics"):
-                            logger.log(last)
-                        progress.show(loss=last["loss"], lr=lr, img_s=last["images_per_s"])
-                    if self.step % cfg.ckpt_every == 0 or end:
-                        # never checkpoint weights trained on a non-finite loss since the last check
-                        loss_ok = torch.isfinite(torch.stack(list(sums.values()))).all() if sums else torch.tensor(True)
-                        ok = torch.stack([loss_ok.to(self.device).float(),
-                                          weights_finite(self.method).to(self.device).float().view(())])
-                        # over all ranks: a TrainingDiverged on one rank alone would leave the others waiting
-                        loss_ok, weights_ok = (v == 1.0 for v in distributed.all_reduce_mean(ok).tolist())
-                        self._stop_if_diverged(0.0 if loss_ok else float("nan"), weights_ok)
+                        last = self._log(window, lr, logger, progress)
+                    stage_done = self.step == self.plan.end(self.stage_index)
+                    if self.step % cfg.ckpt_every == 0 or end or stage_done:
+                        self._check_finite_since_log(window)  # never checkpoint or export diverged weights
+                        if stage_done:
+                            self._finish_stage()
                         if main:
                             with self._writing(f"checkpoint {self.step}"):
                                 self.save_checkpoint()
@@ -463,7 +531,50 @@ class Trainer:
             restore_signals()
             progress.close()
             logger.close()
-        if main:
+        return self._finish_run(last)
+
+    # ---- _fit, step by step --------------------------------------------------------------------------
+    def _open_logs(self, stop_at: int):
+        main = self.dist.is_main
+        with self._writing("the metrics"):
+            logger = MetricLogger(self.out, resume_step=self.step if self.resumed else None) if main \
+                else distributed.NullLogger()
+        progress = Progress(stop_at, self.step, self.cfg.progress and self.step < stop_at and main,
+                            desc=f"{self.cfg.method}" + (f"/{self.method.variant}" if self.method.variant else ""))
+        return logger, progress
+
+    def _log(self, window: "_MetricWindow", lr: float, logger, progress) -> dict[str, Any]:
+        """One metrics row: the window's means over all ranks (the loop's one host sync), the weights
+        checked for NaN/Inf with them; TrainingDiverged on either."""
+        weights_ok = weights_finite(self.method).float().view(1)
+        values = torch.cat([torch.stack(list(window.sums.values())).div_(window.count), weights_ok])
+        values = distributed.all_reduce_mean(values).tolist()  # rank mean: all ranks decide alike
+        weights_ok = values.pop() == 1.0  # read with the metrics: still the one sync
+        now = time.perf_counter()
+        stage = {"stage": self.stage.name} if len(self.plan.stages) > 1 else {}
+        row = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), **stage, "lr": lr,
+               **dict(zip(window.sums, values)),
+               "images_per_s": round(self.cfg.batch_size * (self.step - window.tick_step) / max(now - window.tick, 1e-9), 2)}
+        window.reset(now, self.step)
+        self._stop_if_diverged(row["loss"], weights_ok)
+        with self._writing("the metrics"):
+            logger.log(row)
+        progress.show(loss=row["loss"], lr=lr, img_s=row["images_per_s"])
+        return row
+
+    def _check_finite_since_log(self, window: "_MetricWindow") -> None:
+        """The losses since the last log and the weights are finite on every rank, else TrainingDiverged."""
+        sums = window.sums
+        loss_ok = torch.isfinite(torch.stack(list(sums.values()))).all() if sums else torch.tensor(True)
+        ok = torch.stack([loss_ok.to(self.device).float(),
+                          weights_finite(self.method).to(self.device).float().view(())])
+        # over all ranks: a TrainingDiverged on one rank alone would leave the others waiting
+        loss_ok, weights_ok = (v == 1.0 for v in distributed.all_reduce_mean(ok).tolist())
+        self._stop_if_diverged(0.0 if loss_ok else float("nan"), weights_ok)
+
+    def _finish_run(self, last) -> dict[str, Any]:
+        """The encoder export, then the summary (and how to continue after a signal)."""
+        if self.dist.is_main:
             with self._writing("the encoder"):
                 export_encoder(self.method, self.cfg, self.out, step=self.step, image_size=self._image_size())
         distributed.barrier()  # the run directory is complete when any rank returns
@@ -537,6 +648,24 @@ class Trainer:
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, handler)
         return lambda: [signal.signal(s, h) for s, h in previous.items()]
+
+
+class _MetricWindow:
+    """Metrics summed on the device since the last log row, and when that window began."""
+
+    def __init__(self, step: int):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+        self.tick, self.tick_step = time.perf_counter(), step
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        for key, value in values.items():
+            value = value.detach().float()
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+        self.count += 1
+
+    def reset(self, now: float, step: int) -> None:
+        self.sums, self.count, self.tick, self.tick_step = {}, 0, now, step
 
 
 def _jsonable(obj):

@@ -131,8 +131,9 @@ class Method(nn.Module):
 
     def main_stage(self, export: bool = False) -> Stage:
         """Pre-training as a stage: ``cfg.epochs`` of ``training_step`` with ``cfg.optim``."""
-        return Stage("pretrain", self.cfg.epochs, self.training_step, on_epoch_start=self.on_epoch_start,
-                     after_optimizer_step=self.after_optimizer_step, export=export)
+        # looked up at each call (not bound now): the method's own step and hooks, as they are then
+        return Stage("pretrain", self.cfg.epochs, None, on_epoch_start=lambda epoch: self.on_epoch_start(epoch),
+                     after_optimizer_step=lambda: self.after_optimizer_step(), export=export)
 
     def stages(self) -> list[Stage]:
         """The training stages in order, pre-training first. Override to add stages after it, e.g.

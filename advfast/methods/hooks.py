@@ -26,7 +26,9 @@ class Stage:
 
     name: shown in the logs (metrics rows carry it) and checkpoints; unique within a method.
     epochs: passes over the run's loader (the same dataset and batch size as pre-training).
-    training_step: ``batch -> (loss, metrics)``, run under autocast and DDP as the main step.
+    training_step: ``batch -> (loss, metrics)``, run under autocast and DDP as the main step, with the
+        method in train mode (a step that needs parts in eval mode sets them itself). None: the method's
+        own ``training_step`` (pre-training).
     optim: the stage's optimiser and schedule (None: the run's ``cfg.optim``); a fresh optimiser is built
         when the stage starts.
     parameters: the parameters the stage trains (None: ``method.trainable_parameters()``). Under DDP every
@@ -46,7 +48,7 @@ class Stage:
 
     name: str
     epochs: int
-    training_step: StepFn
+    training_step: StepFn | None = None
     optim: OptimConfig | None = None
     parameters: Callable[[], list] | None = None
     on_start: Callable[[], None] | None = None
