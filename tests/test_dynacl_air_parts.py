@@ -21,7 +21,7 @@ from advfast.data.presets import Flip, Grayscale, Jitter, ResizedCrop
 from advfast.losses.air import air_objective, air_regularizers
 from advfast.methods import lp_post_settings as lps
 from advfast.methods.lp_pseudo_labels import cluster_pseudo_labels, within_cluster_ss
-from advfast.methods.pseudo_labels import _kmeans_pp
+from advfast.pseudo_labels.kmeans import _kmeans_pp
 from advfast.ops import nt_xent
 
 # ---- transcriptions: schedules ---------------------------------------------------------------------

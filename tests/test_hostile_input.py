@@ -328,7 +328,8 @@ def test_labels_source_run_without_an_encoder(run_copy, tmp_path, capsys):
 def test_generator_never_overwrites_a_file_it_did_not_write(tmp_path):
     from types import SimpleNamespace
 
-    from advfast.methods import pseudo_labels as pl
+    from advfast import pseudo_labels as pl
+    from advfast.pseudo_labels.cli import main as generate
 
     ds = SimpleNamespace(images=torch.randint(0, 256, (30, 1, 4, 4), dtype=torch.uint8),
                          labels=torch.zeros(30, dtype=torch.int64), name="fake")
@@ -337,12 +338,12 @@ def test_generator_never_overwrites_a_file_it_did_not_write(tmp_path):
     with pytest.raises(ValueError, match="is not an advfast pseudo-label file"):
         pl.build_pseudo_labels(ds, notes, source="raw_pixels", ks=[2], device="cpu", log=lambda m: None)
     assert notes.read_text() == "precious" and not (tmp_path / "notes.json").exists()
-    assert pl.main(["--raw-pixels", "--dataset", "synthetic", "--image-size", "4", "--ks", "2",
+    assert generate(["--raw-pixels", "--dataset", "synthetic", "--image-size", "4", "--ks", "2",
                     "--out", str(notes)]) == 2
     assert notes.read_text() == "precious"
     for bad in (["--seed", str(10**30)], ["--max-iter", "0"], ["--kmeans", "faiss"]):  # one line, exit 2
         with pytest.raises(SystemExit) as exit_info:
-            pl.main(["--raw-pixels", "--dataset", "synthetic", "--ks", "2", "--out", str(tmp_path / "l.st"), *bad])
+            generate(["--raw-pixels", "--dataset", "synthetic", "--ks", "2", "--out", str(tmp_path / "l.st"), *bad])
         assert exit_info.value.code == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 

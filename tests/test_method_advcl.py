@@ -183,7 +183,7 @@ def test_pseudo_labels_are_looked_up_by_dataset_index(tmp_path):
 
 def test_missing_pseudo_labels_say_how_to_make_them(tmp_path):
     cfg = build_config("advcl", None, "cifar10", overrides=[{"arch": "convnet"}])
-    with pytest.raises(ValueError, match=r"python -m advfast\.methods\.pseudo_labels --encoder RUN_DIR "
+    with pytest.raises(ValueError, match=r"python -m advfast\.pseudo_labels --encoder RUN_DIR "
                                          r"--dataset cifar10 --out"):
         METHODS["advcl"](cfg, 10, (0.5,) * 3, (0.25,) * 3)
 
@@ -217,7 +217,8 @@ def test_digits_trains_a_few_steps_with_raw_pixel_labels(tmp_path):
 
 def test_pseudo_labels_from_an_exported_encoder_are_cached_beside_it(tmp_path):
     from advfast.engine import export_encoder
-    from advfast.methods import pseudo_labels as pl
+    from advfast import pseudo_labels as pl
+    from advfast.io import file_sha256
 
     donor, cfg = _synthetic_method(tmp_path)
     run = tmp_path / "run"
@@ -226,6 +227,6 @@ def test_pseudo_labels_from_an_exported_encoder_are_cached_beside_it(tmp_path):
     m, _ = _synthetic_method(tmp_path, pseudo_labels_from=str(run), pseudo_labels=None)
     cache = run / "pseudo_labels_synthetic.safetensors"
     assert cache.is_file()
-    assert pl.read_meta(cache)["encoder_sha256"] == pl.file_sha256(run / "encoder.safetensors")
+    assert pl.read_meta(cache)["encoder_sha256"] == file_sha256(run / "encoder.safetensors")
     loaded = pl.load_pseudo_labels(cache, num_images=N_IMAGES, ks=KS)
     assert all(torch.equal(m.pseudo_targets(torch.arange(N_IMAGES))[k], loaded[k]) for k in KS)

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from advfast.methods import pseudo_labels as pl
+from advfast import pseudo_labels as pl
+from advfast.io import file_sha256
+from advfast.pseudo_labels.cli import main as generate
 
 
 def _blobs(k, dim, n_per, spread, g):
@@ -91,7 +93,7 @@ def test_load_refuses_other_dataset_and_size(tmp_path):
         pl.load_pseudo_labels(out, num_images=61, ks=[2])
     with pytest.raises(ValueError, match="has no pseudo_train_10"):
         pl.load_pseudo_labels(out, num_images=60, ks=[10])
-    with pytest.raises(ValueError, match="python -m advfast.methods.pseudo_labels --encoder RUN_DIR"):
+    with pytest.raises(ValueError, match="python -m advfast.pseudo_labels --encoder RUN_DIR"):
         pl.load_pseudo_labels(tmp_path / "missing.safetensors", num_images=60, ks=[2])
 
 
@@ -158,9 +160,9 @@ def test_encoder_labels_cache_follows_the_encoder_hash(tmp_path, capsys):
     out = tmp_path / "labels.safetensors"
     argv = ["--encoder", str(run), "--dataset", "synthetic", "--image-size", "8", "--out", str(out),
             "--ks", "2,3", "--device", "cpu"]
-    assert pl.main(argv) == 0
+    assert generate(argv) == 0
     meta = json.loads((tmp_path / "labels.json").read_text())
-    assert meta["encoder_sha256"] == pl.file_sha256(run / "encoder.safetensors")
+    assert meta["encoder_sha256"] == file_sha256(run / "encoder.safetensors")
     assert meta["dataset"] == "synthetic" and meta["num_images"] == 1024 and meta["ks"] == [2, 3]
     # the labels are k-means of the encoder's L2-normalised features
     from advfast.data import load_dataset
@@ -171,14 +173,14 @@ def test_encoder_labels_cache_follows_the_encoder_hash(tmp_path, capsys):
     assert torch.equal(first[3], pl.kmeans(feats, 3, seed=0).labels)
     # same encoder file: a cache hit
     capsys.readouterr()
-    pl.main(argv)
+    generate(argv)
     assert "reusing" in capsys.readouterr().err
     # another encoder in the same run dir: the hash differs, the cache is rebuilt
     _encoder_run_dir(run, seed=1)
-    pl.main(argv)
+    generate(argv)
     assert "rebuilding" in capsys.readouterr().err
     assert json.loads((tmp_path / "labels.json").read_text())["encoder_sha256"] == \
-        pl.file_sha256(run / "encoder.safetensors")
+        file_sha256(run / "encoder.safetensors")
 
 
 def test_encoder_dir_must_hold_an_export(tmp_path):

@@ -128,7 +128,7 @@ def _random_pseudo_labels(cfg, workdir: Path) -> Path:
 
     from advfast.data import load_dataset
     from advfast.data.build import dataset_kwargs
-    from advfast.methods.pseudo_labels import DEFAULT_KS
+    from advfast.pseudo_labels import DEFAULT_KS
 
     n = len(load_dataset(cfg.dataset, cfg.data_dir, "train", False, **dataset_kwargs(cfg)).labels)
     g = torch.Generator().manual_seed(0)

@@ -25,7 +25,7 @@ anchors has 3 positives, a denominator over the 4B-1 others, and the mean log-pr
 its positives; the mean over anchors does not depend on the row layout.
 
 Pseudo labels (ClusterFit) are looked up by dataset index (batch.indices); see
-advfast.methods.pseudo_labels and docs/methods.md for where they come from.
+advfast.pseudo_labels and docs/methods.md for where they come from.
 
 Deviations (all documented in docs/methods.md):
 * the clean views' features are computed once per attack, not at each of its 5 steps: in train
@@ -46,14 +46,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from advfast import pseudo_labels as pl
 from advfast.data import high_frequency
 from advfast.methods import register
 from advfast.methods.base import Method
 from advfast.models import build_encoder, build_head
 from advfast.ops.contrastive import nt_xent
-
-# advfast.methods.pseudo_labels is imported where it is used: `python -m advfast.methods.pseudo_labels`
-# must not find it already imported through this package.
 
 BRANCHES = ("normal", "pgd", "pgd_ce")
 MAX_CLUSTERS = 1 << 20  # a K beyond this is a typo (the official largest is 500), not a head to allocate
@@ -166,7 +164,6 @@ class AdvCL(Method):
         from pathlib import Path
 
         from advfast.config import check_path_text, show
-        from advfast.methods import pseudo_labels as pl
 
         if o.pseudo_labels is None and o.pseudo_labels_from is None:
             raise ValueError(
@@ -198,7 +195,6 @@ class AdvCL(Method):
         ``pseudo_labels_from=RUN`` caches them in RUN as pseudo_labels_{dataset}.safetensors (advfast's
         own documented cache next to the teacher's encoder)."""
         from advfast.data.build import build_dataset
-        from advfast.methods import pseudo_labels as pl
 
         o = self.options
         self._check_pseudo_label_inputs(o, cfg)

@@ -18,7 +18,7 @@ They differ in K, the k-means tolerance, the TRADES start and what the result is
   (The script itself crashes after clustering on an unbound ``name``; the settings are what it means.)
 
 The k-means tolerances are kmeans_pytorch's (absolute, on (sum_k ||c_k - c_k'||)^2); advfast's k-means
-(advfast.methods.pseudo_labels.kmeans) uses scikit-learn's relative tolerance and k-means++ init, so
+(advfast.pseudo_labels.kmeans) uses scikit-learn's relative tolerance and k-means++ init, so
 its labels cannot equal the official unseeded ones; advfast.methods.lp_pseudo_labels documents the
 mapping used.
 """

@@ -2,7 +2,7 @@
 
 The official step is ``kmeans_pytorch.kmeans(features, K)``: Lloyd's algorithm from K distinct random
 data points (unseeded), stopped when (sum_k ||c_k - c_k'||)^2 < tol, returning the assignment made
-*before* the last centre update. advfast runs ``advfast.methods.pseudo_labels.kmeans`` (seeded k-means++
+*before* the last centre update. advfast runs ``advfast.pseudo_labels.kmeans`` (seeded k-means++
 init, Lloyd to ``tol`` relative to the mean feature variance, at most ``max_iter`` rounds, labels of the
 final centres). From the same initial centres both follow the same Lloyd iterates, so at convergence
 they give the same labels and the same clustering objective; the labels of two unseeded official runs
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from advfast.methods.pseudo_labels import kmeans
+from advfast.pseudo_labels.kmeans import kmeans
 
 DEFAULT_TOL = 1e-8  # relative; tight enough that Lloyd has converged on the pseudo-label step's features
 
