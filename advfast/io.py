@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
+from pathlib import Path
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
@@ -33,6 +35,44 @@ def atomic_write_text(path: str, text: str) -> None:
 def atomic_write_json_obj(path, obj) -> None:
     """``obj`` as indented JSON (no NaN/Inf: they are not JSON), written atomically."""
     atomic_write_bytes(path, (json.dumps(obj, indent=1, allow_nan=False) + "\n").encode())
+
+
+def atomic_save_tensors(path, tensors: dict, metadata: dict[str, str] | None = None, _before_replace=None) -> str:
+    """Write ``tensors`` (a dict of torch tensors) to ``path`` as safetensors, atomically; returns the
+    file's SHA-256. ``_before_replace``: called between the fsync and the rename (the tests' crash hook)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_tensors_file(tensors, tmp, metadata)
+        digest = file_sha256(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        if _before_replace is not None:
+            _before_replace()
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(path.parent)
+    return digest
+
+
+def save_tensors_file(tensors, path, metadata) -> None:
+    """safetensors' save_file, its I/O failures (disk full, file too large) raised as the OSError they are."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, path, metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
 
 
 def file_sha256(path) -> str:

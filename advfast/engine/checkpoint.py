@@ -12,14 +12,13 @@ import json
 import os
 import re
 import signal
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from advfast.io import atomic_write_bytes, file_sha256, fsync_dir
+from advfast.io import atomic_save_tensors, atomic_write_bytes, file_sha256
 
 FORMAT = "advfast-checkpoint-1"
 _NAME = re.compile(r"ckpt-(\d{9})\.json")
@@ -37,40 +36,6 @@ class CheckpointError(ValueError):
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=1, allow_nan=False) + "\n").encode())
-
-
-def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
-                        _before_replace=None) -> str:
-    """Write ``tensors`` to ``path`` atomically; returns the file's SHA-256."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        _save_file(tensors, tmp, metadata)
-        digest = file_sha256(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        if _before_replace is not None:
-            _before_replace()
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-    return digest
-
-
-def _save_file(tensors, path, metadata) -> None:
-    """safetensors' save_file, its I/O failures (disk full, file too large) raised as the OSError they are."""
-    from safetensors import SafetensorError
-
-    try:
-        save_file(tensors, path, metadata=metadata)
-    except SafetensorError as e:
-        code = re.search(r"os error (\d+)", str(e))
-        if code is None:
-            raise
-        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
 
 
 def _kill_point(step: int, stage: str) -> None:
