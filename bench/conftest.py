@@ -21,8 +21,8 @@ writes; the summary reports GB/s and the percentage of the device-to-device copy
 the same size (the group's role="copy" entry, e.g. dst.copy_(src) of the op's tensor size), and the
 speed-up over the group's role="baseline" entry. Set the group with benchmark.group = "...".
 
-`pytest bench --benchmark-only` works although pyproject's addopts has --benchmark-disable:
---benchmark-only turns on --benchmark-enable here (pytest-benchmark refuses the two flags together).
+`pytest bench --benchmark-only` times every benchmark; `pytest bench --benchmark-disable` is a quick
+smoke run (each benchmark once, untimed).
 `--bench-summary PATH` also writes the summary (markdown, with the device name) to PATH, e.g.
 bench/results/<device>.md.
 """
@@ -52,14 +52,6 @@ _records: list[dict] = []
 def pytest_addoption(parser):
     parser.addoption("--bench-summary", default=None, metavar="PATH",
                      help="also write the advfast benchmark summary (markdown) to PATH")
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_configure(config):
-    # Runs before pytest-benchmark's own (trylast) configure, which rejects --benchmark-only together
-    # with the --benchmark-disable from pyproject's addopts unless --benchmark-enable is set.
-    if config.getoption("benchmark_only", default=False):
-        config.option.benchmark_enable = True
 
 
 def _pick_device() -> torch.device:
