@@ -95,3 +95,13 @@ class HookDemo(Method):
         s = F.normalize(self.backbone(torch.cat([x, x_adv])), dim=1)
         clean, adv = (1 - (s[:x.shape[0]] * target).sum(1)).mean(), (1 - (s[x.shape[0]:] * target).sum(1)).mean()
         return clean + adv, {"distill_clean": clean.detach(), "distill_adv": adv.detach()}
+
+
+if __name__ == "__main__":  # advfast-train with hookdemo registered (the tests' subprocesses, torchrun workers)
+    import sys
+
+    from advfast.cli import train_main
+    from advfast.methods import register
+
+    register(HookDemo)
+    sys.exit(train_main(sys.argv[1:]))

@@ -54,6 +54,12 @@ def config(out, teacher, **extra):
                         [dict(RUN, out=str(out), method_options=dict(teacher=str(teacher))), extra])
 
 
+def cli_args(out, teacher) -> list[str]:
+    return ["--method", "hookdemo", "--dataset", "digits", "--out", str(out), "--no-progress",
+            "--set", f"method.teacher={teacher}", "--set", "deterministic=true", "--set", "log_every=1",
+            "--set", "ckpt_every=1", "--set", "attack.steps=1", "--set", "keep_last=10"]
+
+
 def rows(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
@@ -99,14 +105,9 @@ def test_hooks_end_to_end_and_kill_mid_stage(hookdemo, teacher, tmp_path):
 
     # SIGKILL while writing checkpoint 7 (the middle of "distill"): step 6 is the newest whole one
     out = tmp_path / "b"
-    script = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import hooks_demo_method as m; "
-              "from advfast.methods import register; register(m.HookDemo); "
-              "from advfast.cli import train_main; sys.exit(train_main(sys.argv[1:]))")
-    args = ["--method", "hookdemo", "--dataset", "digits", "--out", str(out), "--no-progress",
-            "--set", f"method.teacher={teacher}", "--set", "deterministic=true", "--set", "log_every=1",
-            "--set", "ckpt_every=1", "--set", "attack.steps=1", "--set", "keep_last=10"]
     env = dict(os.environ, OMP_NUM_THREADS="1", **{KILL_HOOK_ENV: "7:tensors"})
-    r = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run([sys.executable, str(HERE / "hooks_demo_method.py"), *cli_args(out, teacher)],
+                       capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     assert list_checkpoints(out / "checkpoints")[-1].name == "ckpt-000000006.json"
     resumed = Trainer(config(out, teacher), resume=True)
@@ -226,3 +227,39 @@ def test_dali_pipeline_is_rebuilt_for_new_views(monkeypatch):
     aug.views = WHOLE_VIEWS  # even views assigned past set_views: the cache key holds them
     aug._pipeline(64, shape, torch.device("cpu"), g)
     assert built[-1] == WHOLE_VIEWS and len(built) == 3
+
+
+@pytest.mark.slow  # about 30 s: torchrun start-up and 8 steps on 2 ranks
+def test_stages_run_under_torchrun(teacher, tmp_path):
+    """Both stages on 2 gloo ranks: DDP wraps the post-training stage's step (its trained parameters only),
+    rank 0 writes one row per step and each stage's export."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={port}", str(HERE / "hooks_demo_method.py"), *cli_args(out, teacher), "--device", "cpu"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert [(r["step"], r["stage"]) for r in rows(out)] == [(i, "pretrain" if i <= 4 else "distill")
+                                                            for i in range(1, 9)]
+    assert json.loads((out / "run.json").read_text())["world_size"] == 2
+    for stage in ("pretrain", "distill"):
+        assert (out / "stages" / stage / "encoder.json").is_file()
+
+
+def test_overwrite_removes_stage_exports_and_nothing_else(tmp_path):
+    from advfast.engine.rundir import remove_run_files
+
+    for stage in ("pretrain", "distill"):
+        (tmp_path / "stages" / stage).mkdir(parents=True)
+        for f in ("encoder.safetensors", "encoder.json", "encoder-normal.safetensors"):
+            (tmp_path / "stages" / stage / f).write_text("x")
+    (tmp_path / "stages" / "distill" / "notes.txt").write_text("mine")
+    remove_run_files(tmp_path)
+    assert not (tmp_path / "stages" / "pretrain").exists()
+    assert sorted(p.name for p in (tmp_path / "stages" / "distill").iterdir()) == ["notes.txt"]
