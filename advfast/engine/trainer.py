@@ -5,7 +5,10 @@
 
 One iteration: ``loss, metrics = method.training_step(batch)`` under autocast, backward, optimiser
 step, ``method.after_optimizer_step()``, schedule step. Metrics are summed on the device and read
-back every ``log_every`` steps, the loop's only host synchronisation.
+back every ``log_every`` steps, the loop's only host synchronisation. Before each epoch's batches are
+drawn, ``method.on_epoch_start(epoch)``. A method with stages after pre-training (``Method.stages()``,
+advfast.engine.stages) runs them on the same loop, one step counter, each with its own step function,
+optimiser and schedule.
 """
 
 from __future__ import annotations
@@ -219,8 +222,9 @@ class Trainer:
         self.plan = plan_stages(self.method.stages(), self.steps_per_epoch, cfg.method)
         self.total_steps = self.plan.total
         if resume and cfg.max_steps is not None and cfg.max_steps > self.total_steps:
+            epochs = "+".join(str(s.epochs) for s in self.plan.stages)  # the stages' epochs (one: cfg.epochs)
             raise ValueError(f"max_steps {cfg.max_steps} is beyond the run's {self.total_steps} planned steps "
-                             f"(epochs {cfg.epochs} x {self.steps_per_epoch}), where its learning-rate schedule "
+                             f"(epochs {epochs} x {self.steps_per_epoch}), where its learning-rate schedule "
                              f"ends; give --set max_steps={self.total_steps} or less")
 
     def _build_loop_state(self) -> None:
