@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from advfast.bench.configs import ABLATION, CONFIGS
-from advfast.bench.harness import METHOD_NAMES, pick_sizes, same_as_fast, session
+from advfast.bench.harness import method_names, pick_sizes, same_as_fast, session
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -38,7 +38,7 @@ def method_sizes(device):
 
 
 @pytest.mark.parametrize("config", ["eager", "fast", *ABLATION, "fast-graphs"])
-@pytest.mark.parametrize("method", METHOD_NAMES)
+@pytest.mark.parametrize("method", method_names())
 def test_method_throughput(benchmark, device, on_gpu, method_sizes, method, config):
     if config in ABLATION and not on_gpu and method != "acl":
         pytest.skip("on a CPU the ablation runs for acl only (tiny sizes say nothing about speed)")

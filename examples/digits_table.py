@@ -4,8 +4,10 @@ download), evaluate each with SLF and ALF under PGD-20, and print a Markdown tab
     python examples/digits_table.py --out runs/digits_table
 
 Runs the two user commands, advfast-train and advfast-eval, as subprocesses, exactly as a user would,
-on the CPU. Each method uses its digits preset (see `advfast-train --list`); the l_inf budget of the
-evaluation equals the one the adversarial methods trained with (--eps, default 8/255: see README.md).
+on the CPU (--dry-run prints them instead). The rows are the methods that declare
+``in_digits_table = True`` (advfast.methods), in registration order; each uses its digits preset (see
+`advfast-train --list`); the l_inf budget of the evaluation equals the one the adversarial methods
+trained with (--eps, default 8/255: see README.md).
 """
 
 from __future__ import annotations
@@ -17,7 +19,23 @@ import subprocess
 import sys
 import time
 
-METHODS = ("simclr", "moco", "acl", "amoc", "moco-adv", "advcl", "rocl")
+
+def table_methods() -> tuple[str, ...]:
+    from advfast.methods import METHODS
+
+    return tuple(name for name, cls in METHODS.items() if cls.in_digits_table)
+
+
+def train_command(method: str, args) -> list[str]:
+    return [sys.executable, "-m", "advfast.train", "--method", method, "--dataset", "digits", "--device", args.device,
+            "--out", os.path.join(args.out, method), "--overwrite", "--set", f"seed={args.seed}", "--no-progress"]
+
+
+def eval_command(method: str, protocol: str, args) -> list[str]:
+    run_dir = os.path.join(args.out, method)
+    return [sys.executable, "-m", "advfast.eval.cli", "--checkpoint", run_dir, "--protocol", protocol,
+            "--attacks", "pgd20", "--eps", args.eps, "--device", args.device, "--seed", str(args.seed),
+            "--no-plots", "--out", os.path.join(run_dir, f"eval-{protocol}")]
 
 
 def run(cmd: list[str], log_path: str) -> float:
@@ -34,26 +52,27 @@ def run(cmd: list[str], log_path: str) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/digits_table")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(table_methods()))
     p.add_argument("--eps", default="8/255", help="l_inf budget of PGD-20 at evaluation (and of ALF training)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = p.parse_args()
+    if args.dry_run:
+        for method in args.methods.split(","):
+            for cmd in (train_command(method, args), *(eval_command(method, pr, args) for pr in ("slf", "alf"))):
+                print(" ".join(cmd))
+        return
     os.makedirs(args.out, exist_ok=True)
-    py = sys.executable
     rows = []
     total = time.time()
     for method in args.methods.split(","):
         run_dir = os.path.join(args.out, method)
-        train_s = run([py, "-m", "advfast.train", "--method", method, "--dataset", "digits", "--device", args.device,
-                       "--out", run_dir, "--overwrite", "--set", f"seed={args.seed}", "--no-progress"],
-                      os.path.join(args.out, f"{method}.train.log"))
+        train_s = run(train_command(method, args), os.path.join(args.out, f"{method}.train.log"))
         row = {"method": method, "pretrain_s": train_s}
         for protocol in ("slf", "alf"):
             eval_dir = os.path.join(run_dir, f"eval-{protocol}")
-            eval_s = run([py, "-m", "advfast.eval.cli", "--checkpoint", run_dir, "--protocol", protocol,
-                          "--attacks", "pgd20", "--eps", args.eps, "--device", args.device, "--seed", str(args.seed),
-                          "--no-plots", "--out", eval_dir], os.path.join(args.out, f"{method}.{protocol}.log"))
+            eval_s = run(eval_command(method, protocol, args), os.path.join(args.out, f"{method}.{protocol}.log"))
             with open(os.path.join(eval_dir, "results.json"), encoding="utf-8") as fh:
                 res = json.load(fh)
             row[f"{protocol}_sa"] = 100 * res["clean_accuracy"]

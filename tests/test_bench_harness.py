@@ -9,7 +9,7 @@ from torch import nn
 from advfast.bench import report
 from advfast.bench.configs import ABLATION, CONFIGS, EAGER, FAST, OPTIMISATIONS, expand_configs
 from advfast.bench.flops import count_flops, expected_passes, forward_flops_per_image
-from advfast.bench.harness import METHOD_NAMES, Sizes, check_methods, count_iteration_flops, same_as_fast, spread
+from advfast.bench.harness import Sizes, check_methods, count_iteration_flops, method_names, same_as_fast, spread
 
 
 def test_forward_flops_by_hand():
@@ -44,13 +44,33 @@ def test_count_flops_sees_input_only_and_full_backward():
     assert full == 3 * fwd  # forward F + input F + weight F
 
 
-def test_expected_passes_table_covers_every_method():
-    assert all(expected_passes(m, 5) is not None for m in METHOD_NAMES)
+# the pass counts as bench/flops.py's table wrote them before each method declared its own (issue 15):
+# (count at 0 attack steps, count added per step)
+PASSES_BEFORE = {"simclr": (6, 0), "moco": (4, 0), "acl": (12, 4), "amoc": (8, 3), "moco-adv": (4, 2),
+                 "advcl": (18, 4), "rocl": (15, 4)}
+
+
+def test_benchmarked_methods_and_their_pass_counts_are_declared_by_the_methods():
+    assert method_names() == tuple(PASSES_BEFORE)  # the benchmark's order: clean methods, then adversarial
+    for m, (base, per_step) in PASSES_BEFORE.items():
+        assert [expected_passes(m, k) for k in range(12)] == [base + per_step * k for k in range(12)], m
     assert expected_passes("acl", 5) == 32 and expected_passes("simclr", 0) == 6
     assert expected_passes("nope", 5) is None
 
 
-@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_a_method_that_declares_nothing_is_not_benchmarked(monkeypatch):
+    from advfast.methods import METHODS, Method
+
+    class Undeclared(Method):
+        name = "undeclared"
+
+    monkeypatch.setitem(METHODS, "undeclared", Undeclared)
+    assert "undeclared" not in method_names() and expected_passes("undeclared", 5) is None
+    with pytest.raises(ValueError, match="unknown method 'undeclared'"):
+        check_methods("undeclared")
+
+
+@pytest.mark.parametrize("method", method_names())
 def test_iteration_flops_follow_the_pass_model(method):
     # ResNet-18 on 16x16 images: the heads and the loss are ~1% of the count, so the counted FLOPs of
     # the real iteration must match forward = F, full backward = 2F, input-only backward = F

@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from advfast.bench.configs import ABLATION, expand_configs
-from advfast.bench.harness import METHOD_NAMES
+from advfast.bench.harness import method_names
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -23,8 +23,8 @@ class _OneLineParser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _OneLineParser(prog="advfast-bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--methods", default=",".join(METHOD_NAMES),
-                   help=f"comma-separated methods (default: all of {','.join(METHOD_NAMES)})")
+    names = ",".join(method_names())
+    p.add_argument("--methods", default=names, help=f"comma-separated methods (default: all of {names})")
     p.add_argument("--configs", default="eager,fast",
                    help="comma-separated configs: eager, fast, ablation (= " + ",".join(ABLATION) + "), "
                         "fast-graphs (fast with CUDA-graph attacks instead of compile) or any of those")

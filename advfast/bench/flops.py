@@ -14,8 +14,8 @@ Two counters, both analytic (from tensor shapes, nothing is sampled from hardwar
 The pass model the iteration count follows (per image of the batch; F = forward FLOPs of the
 encoder (the projection heads, under 0.1% of a CIFAR ResNet-18 forward, are counted in the
 iteration but not in F), K = attack steps): a forward is F, a full backward (input and weight gradients) is 2F, an
-attack's input-only backward is F (activation gradients only). ``EXPECTED_PASSES`` writes out each
-method's iteration in these units; tests hold the counted FLOPs to it. MFU uses the counted FLOPs of
+attack's input-only backward is F (activation gradients only). Each method writes out its iteration
+in these units (``Method.iteration_passes``); tests hold the counted FLOPs to it. MFU uses the counted FLOPs of
 the algorithm with input-only attack gradients in every configuration (the model FLOPs): the extra
 weight gradients the "eager" attack computes are waste, not useful work.
 """
@@ -93,17 +93,9 @@ def count_flops(fn, *args, **kwargs) -> tuple[int, object]:
 
 def expected_passes(method: str, attack_steps: int) -> float | None:
     """F-equivalents per image of the batch for one training iteration of ``method``'s default
-    variant (see the module docstring); None for a method without a written model."""
-    k = attack_steps
-    table = {
-        "simclr": 6,  # 2 views: forward F + full backward 2F each
-        "moco": 4,  # query 3F + momentum key forward F
-        "acl": 4 * k + 12,  # DS: attack on 2 views (F + F per step each); train 4 views (clean + adv) x 3F
-        "amoc": 3 * k + 8,  # ACA: attack: query F + input bwd F + clean key F per step; train: 2 queries
-        #                     x 3F + clean key F + momentum key of the adversarial query F
-        "moco-adv": 2 * k + 4,  # key F; attack query F + F per step; adversarial query 3F
-        "advcl": 4 * k + 18,  # attack on [x_cl, x_ce] (2F + 2F per step); 3 clean views once under
-        #                       no_grad 3F; train 5 forwards x 3F (x_cl, x1, x2, x_hfc, x_ce)
-        "rocl": 4 * k + 15,  # attack on cat(x, x2): 2F + 2F per step; train 2 + 3 images x 3F
-    }
-    return table.get(method)
+    variant: the method's own ``iteration_passes`` (see the module docstring); None for an unknown
+    method or one without a written model."""
+    from advfast.methods import METHODS
+
+    cls = METHODS.get(method)
+    return None if cls is None else cls.iteration_passes(attack_steps)

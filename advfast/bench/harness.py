@@ -37,7 +37,6 @@ from advfast.bench import device as dev
 from advfast.bench.configs import CONFIGS, COUNTING, EAGER, Switches
 from advfast.bench.flops import count_flops, expected_passes, forward_flops_per_image
 
-METHOD_NAMES = ("simclr", "moco", "acl", "amoc", "moco-adv", "advcl", "rocl")
 EPOCH_IMAGES = 50_000  # CIFAR-10's training set: "seconds per epoch" is for this many images
 
 
@@ -73,18 +72,27 @@ def pick_sizes(name: str, device: torch.device) -> Sizes:
     return SIZES[name]
 
 
+def method_names() -> tuple[str, ...]:
+    """The registered methods that declare themselves benchmarked (``Method.benchmarked``), in
+    registration order."""
+    from advfast.methods import METHODS
+
+    return tuple(name for name, cls in METHODS.items() if cls.benchmarked)
+
+
 def check_methods(names) -> list[str]:
-    """Method names in order (comma-separated string or list), each one of METHOD_NAMES."""
+    """Method names in order (comma-separated string or list), each one of method_names()."""
     from advfast.config import closest
 
+    known = method_names()
     if isinstance(names, str):
         names = [n for n in (p.strip() for p in names.split(",")) if n]
     if not names:
-        raise ValueError(f"--methods is empty; choose from {', '.join(METHOD_NAMES)}")
+        raise ValueError(f"--methods is empty; choose from {', '.join(known)}")
     out = []
     for n in names:
-        if n not in METHOD_NAMES:
-            raise ValueError(f"unknown method {n!r}{closest(n, METHOD_NAMES)}; choose from {', '.join(METHOD_NAMES)}")
+        if n not in known:
+            raise ValueError(f"unknown method {n!r}{closest(n, known)}; choose from {', '.join(known)}")
         if n not in out:
             out.append(n)
     return out
@@ -93,8 +101,9 @@ def check_methods(names) -> list[str]:
 # ---- building a Trainer for a method x configuration ---------------------------------------------------
 def bench_config(method: str, switches: Switches, sizes: Sizes, device: torch.device, workdir: Path):
     """The method's cifar10 preset on synthetic CIFAR-shaped data, with ``switches`` applied."""
-    from advfast.engine import build_config
+    from advfast.engine import build_config, method_class
 
+    cls = method_class(method)
     cfg = build_config(method, None, "cifar10")
     cfg.dataset, cfg.image_size = "synthetic", sizes.image_size
     if sizes.arch is not None:
@@ -104,7 +113,7 @@ def bench_config(method: str, switches: Switches, sizes: Sizes, device: torch.de
     if sizes.max_attack_steps is not None and cfg.attack.kind == "pgd":
         cfg.attack.steps = min(cfg.attack.steps, sizes.max_attack_steps)
     if sizes.max_queue is not None:
-        for key in ("queue_size", "queue_size_clean", "queue_size_adv"):
+        for key in cls.queue_options:
             if key in cfg.method_options:
                 cfg.method_options[key] = min(int(cfg.method_options[key]), sizes.max_queue)
     switches = switches.on_device(device.type)
@@ -116,25 +125,8 @@ def bench_config(method: str, switches: Switches, sizes: Sizes, device: torch.de
     cfg.augment_backend = "torch" if switches.gpu_augment else "torchvision"
     cfg.out = str(workdir / "run")
     cfg.progress = False
-    if method == "advcl":
-        cfg.method_options["pseudo_labels"] = str(_random_pseudo_labels(cfg, workdir))
+    cls.prepare_bench_run(cfg, workdir)  # e.g. advcl's pseudo-label file
     return cfg
-
-
-def _random_pseudo_labels(cfg, workdir: Path) -> Path:
-    """AdvCL's ClusterFit labels for the synthetic images: uniform random K-way labels (their values
-    do not change the cost of an iteration), in the labels-file format the method reads."""
-    from safetensors.torch import save_file
-
-    from advfast.data import load_dataset
-    from advfast.data.build import dataset_kwargs
-    from advfast.pseudo_labels import DEFAULT_KS
-
-    n = len(load_dataset(cfg.dataset, cfg.data_dir, "train", False, **dataset_kwargs(cfg)).labels)
-    g = torch.Generator().manual_seed(0)
-    path = workdir / "pseudo_labels.safetensors"
-    save_file({f"pseudo_train_{k}": torch.randint(0, k, (n,), generator=g) for k in DEFAULT_KS}, str(path))
-    return path
 
 
 class Session:

@@ -44,6 +44,12 @@ class ACL(SimCLR):
     variants = ("a2a", "a2s", "ds")
     default_variant = "ds"
     augment_preset = "simclr"
+    attack_graph_setups = {"acl": {}, "acl-a2s": {"variant": "a2s"}}
+
+    @classmethod
+    def iteration_passes(cls, attack_steps):
+        # DS: attack on 2 views (1 + 1 per step each); train 4 views (clean + adv) x 3
+        return 4 * attack_steps + 12
 
     @dataclasses.dataclass
     class Options(SimCLR.Options):

@@ -100,6 +100,37 @@ class AdvCL(Method):
     variants = ()
     default_variant = None
     augment_preset = "advcl"
+    benchmarked = in_digits_table = True
+    attack_graph_setups = {
+        "advcl": {"method_options": {"pseudo_labels_from": "raw_pixels", "cluster_ks": "2,10", "head_hidden": 16},
+                  "views": 3},
+        "advcl-refresh": {"method_options": {"pseudo_labels_from": "raw_pixels", "cluster_ks": "2,10",
+                                             "head_hidden": 16, "refresh_clean_views": True}, "views": 3},
+        "advcl-no-ce": {"method_options": {"ce_weight": 0.0, "head_hidden": 16}, "views": 3},
+    }
+
+    @classmethod
+    def iteration_passes(cls, attack_steps):
+        # attack on [x_cl, x_ce] (2 + 2 per step); 3 clean views once under no_grad 3; train 5 forwards x 3
+        # (x_cl, x1, x2, x_hfc, x_ce)
+        return 4 * attack_steps + 18
+
+    @classmethod
+    def prepare_bench_run(cls, cfg, workdir) -> None:
+        """ClusterFit labels for the synthetic images: uniform random K-way labels (their values do not
+        change the cost of an iteration), in the labels-file format the method reads."""
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        from advfast.data import load_dataset
+        from advfast.data.build import dataset_kwargs
+
+        n = len(load_dataset(cfg.dataset, cfg.data_dir, "train", False, **dataset_kwargs(cfg)).labels)
+        g = torch.Generator().manual_seed(0)
+        path = Path(workdir) / "pseudo_labels.safetensors"
+        save_file({f"pseudo_train_{k}": torch.randint(0, k, (n,), generator=g) for k in pl.DEFAULT_KS}, str(path))
+        cfg.method_options["pseudo_labels"] = str(path)
 
     @dataclasses.dataclass
     class Options:

@@ -58,6 +58,18 @@ class AMOC(Method):
     variants = ("acc", "aca", "aac", "aaa")
     default_variant = "aca"
     augment_preset = "mocov2"  # AMOC's TRANSFORMS['cifar10']['simclr'] is MoCo v2's augmentation
+    benchmarked = in_digits_table = True
+    queue_options = ("queue_size_clean", "queue_size_adv")
+    attack_graph_setups = {
+        "amoc": {"method_options": {"queue_size_clean": 24, "queue_size_adv": 24}},
+        "amoc-aaa": {"variant": "aaa", "method_options": {"queue_size_clean": 24, "queue_size_adv": 24}},
+    }
+
+    @classmethod
+    def iteration_passes(cls, attack_steps):
+        # ACA: attack: query 1 + input backward 1 + clean key 1 per step; train: 2 queries x 3 + clean key 1
+        # + momentum key of the adversarial query 1
+        return 3 * attack_steps + 8
 
     @dataclasses.dataclass
     class Options:

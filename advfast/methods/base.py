@@ -38,6 +38,13 @@ class Method(nn.Module):
     # options naming pre-trained encoders (a teacher): checked and loaded frozen by the engine
     encoder_inputs: ClassVar[tuple[EncoderInput, ...]] = ()
 
+    # ---- per-method declarations, read outside methods/ (docs/adding_a_method.md, section 6) ---------------
+    benchmarked: ClassVar[bool] = False  # in advfast-bench's method list (needs iteration_passes)
+    in_digits_table: ClassVar[bool] = False  # a row of examples/digits_table.py
+    queue_options: ClassVar[tuple[str, ...]] = ()  # method.* queue lengths advfast-bench's CPU sizes shrink
+    # tests/test_attack_graphs.py: setup name -> {"variant", "method_options", "attack", "views"} (all optional)
+    attack_graph_setups: ClassVar[dict[str, dict]] = {}
+
     @dataclasses.dataclass
     class Options:  # method-specific knobs; subclasses replace this dataclass
         pass
@@ -87,6 +94,18 @@ class Method(nn.Module):
                 raise ValueError(f"unknown option method.{key} for {cls.name!r}{closest(key, names)}")
             values[key] = coerce(value, hints.get(key), f"method.{key}")
         return cls.Options(**values)
+
+    @classmethod
+    def iteration_passes(cls, attack_steps: int) -> float | None:
+        """One training iteration of the default variant per image of the batch, in forward passes of the
+        encoder: a forward is 1, a full backward 2, an attack's input-only backward 1 (advfast.bench.flops
+        holds the counted FLOPs to it). None: no model written (the method is not benchmarked)."""
+        return None
+
+    @classmethod
+    def prepare_bench_run(cls, cfg: TrainConfig, workdir) -> None:
+        """Make ``cfg`` runnable on advfast-bench's synthetic images: files it must read (written under
+        ``workdir``) and options pointing at them. Nothing by default."""
 
     # ---- the recipe ----------------------------------------------------------------------------
     def training_step(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -53,6 +53,12 @@ class MoCo(Method):
     variants = ("v1", "v2")
     default_variant = "v2"
     augment_preset = "mocov2"
+    benchmarked = in_digits_table = True
+    queue_options = ("queue_size",)
+
+    @classmethod
+    def iteration_passes(cls, attack_steps):
+        return 4  # query 3 + momentum key forward 1
 
     @dataclasses.dataclass
     class Options:

@@ -38,6 +38,14 @@ class MoCoAdv(MoCo):
     name = "moco-adv"
     variants = ("v1", "v2")
     default_variant = "v1"  # the paper's best setup: ResNet-50, PGD, MoCo-v1
+    attack_graph_setups = {
+        "moco-adv": {"method_options": {"queue_size": 24}},
+        "moco-adv-fgsm": {"method_options": {"queue_size": 24}, "attack": {"kind": "fgsm"}},
+    }
+
+    @classmethod
+    def iteration_passes(cls, attack_steps):
+        return 2 * attack_steps + 4  # key 1; attack query 1 + 1 per step; adversarial query 3
 
     @dataclasses.dataclass
     class Options(MoCo.Options):

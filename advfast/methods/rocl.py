@@ -66,6 +66,12 @@ class RoCL(Method):
     variants = ()
     default_variant = None
     augment_preset = "rocl"
+    benchmarked = in_digits_table = True
+    attack_graph_setups = {"rocl": {}}
+
+    @classmethod
+    def iteration_passes(cls, attack_steps):
+        return 4 * attack_steps + 15  # attack on cat(x, x2): 2 + 2 per step; train 2 + 3 images x 3
 
     @dataclasses.dataclass
     class Options:

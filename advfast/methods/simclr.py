@@ -54,6 +54,11 @@ class SimCLR(Method):
     variants = ()
     default_variant = None
     augment_preset = "simclr"
+    benchmarked = in_digits_table = True
+
+    @classmethod
+    def iteration_passes(cls, attack_steps):
+        return 6  # 2 views: forward 1 + full backward 2 each
 
     @dataclasses.dataclass
     class Options:
