@@ -57,7 +57,7 @@ def test_launchers_use_the_compiled_configuration(arch, monkeypatch):
     assert (consts["BLOCK_M"], consts["BLOCK_N"], consts["BLOCK_D"]) == (want.BLOCK_M, want.BLOCK_N, want.BLOCK_D)
 
 
-@pytest.mark.slow  # about 4 minutes on 2 cores with a cold Triton cache
+@pytest.mark.slow  # ~4 CPU-minutes with a cold Triton cache (368 compiles); seconds with a warm one
 def test_every_kernel_compiles_for_sm80_and_sm90_within_limits(tmp_path):
     try:
         from triton.backends.nvidia import compiler  # noqa: F401
@@ -67,7 +67,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90_within_limits(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "advfast.kernels.aot", "--arch", "80", "90",
                            "--jobs", str(min(4, os.cpu_count() or 1)), "--out", out],
-                          env=env, capture_output=True, text=True, timeout=900)
+                          env=env, capture_output=True, text=True, timeout=1800)
     print(proc.stdout)  # the resource table (pytest -s shows it)
     failing = [line for line in proc.stdout.splitlines()[1:] if not line.endswith("  ok")]
     assert proc.returncode == 0, "\n".join(failing[:40]) + "\n" + proc.stderr[-3000:]
