@@ -116,6 +116,21 @@ def test_hooks_end_to_end_and_kill_mid_stage(hookdemo, teacher, tmp_path):
     _assert_same_run(straight, resumed, tmp_path / "a", out)
 
 
+def test_resume_mid_epoch_sets_that_epochs_views(hookdemo, teacher, tmp_path):
+    """Killed after step 3 (inside pre-training epoch 1, whose views crop small): the resumed run calls
+    on_epoch_start(1) again before replaying the epoch, so step 4 sees the same views and weights."""
+    straight = Trainer(config(tmp_path / "a", teacher, max_steps=4))
+    straight.fit()
+    Trainer(config(tmp_path / "b", teacher, max_steps=3)).fit()
+    resumed = Trainer(config(tmp_path / "b", teacher, max_steps=4), resume=True)
+    assert resumed.augment.views == demo.views_at(0)  # the preset's, until the epoch starts
+    resumed.fit()
+    assert resumed.augment.views == demo.views_at(1)
+    assert [r["view_gap"] for r in rows(tmp_path / "a")] == [r["view_gap"] for r in rows(tmp_path / "b")]
+    sa, sb = straight.method.state_dict(), resumed.method.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def test_teacher_input_is_validated_before_anything_is_written(hookdemo, teacher, tmp_path, capsys):
     def run(*extra):
         out = tmp_path / "out"
