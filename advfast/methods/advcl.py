@@ -50,6 +50,7 @@ from advfast import pseudo_labels as pl
 from advfast.data import high_frequency
 from advfast.methods import register
 from advfast.methods.base import Method
+from advfast.methods.options import option
 from advfast.models import build_encoder, build_head
 from advfast.ops.contrastive import nt_xent
 
@@ -137,14 +138,20 @@ class AdvCL(Method):
         pseudo_labels: str | None = None  # labels file: generator .safetensors or the official .pkl
         pseudo_labels_from: str | None = None  # an encoder run dir (ClusterFit), or "raw_pixels" (demo only)
         cluster_ks: Any = "2,10,50,100,500"  # or a list
-        kmeans_backend: str = "torch"  # "torch" (on the device) | "sklearn" (CPU)
-        kmeans_seed: int = 0
-        ce_weight: float = 0.2  # 0 trains without ClusterFit (the paper's table 5 baseline)
-        base_temperature: float = 0.07  # SupConLoss scales by T/base_T; set it to T for an unscaled loss
-        hfc_radius: float | None = None  # None: 8 * H / 32 (8 on 32x32, the official r)
-        attack_mode: str = "train"  # "train" (official: BN batch stats + running updates) | "eval"
+        # "torch" (on the device) | "sklearn" (CPU)
+        kmeans_backend: str = option("torch", choices=("torch", "sklearn"), rule="torch or sklearn")
+        kmeans_seed: int = option(0, low=0, rule="a non-negative integer")
+        # 0 trains without ClusterFit (the paper's table 5 baseline)
+        ce_weight: float = option(0.2, low=0, rule=">= 0 (0 trains without pseudo labels)")
+        # SupConLoss scales by T/base_T; set it to T for an unscaled loss
+        base_temperature: float = option(0.07, above=0, rule="> 0 (SupConLoss's 0.07)")
+        # None: 8 * H / 32 (8 on 32x32, the official r)
+        hfc_radius: float | None = option(None, low=0, rule=">= 0 pixels (None: 8 x H/32)")
+        # "train" (official: BN batch stats + running updates) | "eval"
+        attack_mode: str = option("train", choices=("train", "eval"))
         refresh_clean_views: bool = False  # recompute x1, x2, x_hfc at every attack step (official)
-        head_hidden: int | None = None  # head_proj width (None: 512)
+        # head_proj width (None: 512)
+        head_hidden: int | None = option(None, low=1, high=1 << 16, rule="a width in [1, 65536] (None: 512)")
         normalize_input: bool = False  # the official model does not normalise its input
         loss_backend: str = "auto"  # backend of ops.nt_xent
 
@@ -168,22 +175,9 @@ class AdvCL(Method):
     # ---- options and pseudo labels ----------------------------------------------------------------
     @classmethod
     def check_options(cls, o, cfg, files: bool = True) -> None:
-        """Every option's range and, with ``files``, the pseudo-label inputs (config.validate calls this
-        before the run directory is touched)."""
-        if o.attack_mode not in ("train", "eval"):
-            raise ValueError(f"method.attack_mode must be 'train' or 'eval', got {o.attack_mode!r}")
-        if not o.ce_weight >= 0:
-            raise ValueError(f"method.ce_weight must be >= 0 (0 trains without pseudo labels), got {o.ce_weight}")
-        if not o.base_temperature > 0:
-            raise ValueError(f"method.base_temperature must be > 0 (SupConLoss's 0.07), got {o.base_temperature}")
-        if o.hfc_radius is not None and not 0 <= o.hfc_radius < float("inf"):
-            raise ValueError(f"method.hfc_radius must be >= 0 pixels (None: 8 x H/32), got {o.hfc_radius}")
-        if o.head_hidden is not None and not 1 <= o.head_hidden <= 1 << 16:
-            raise ValueError(f"method.head_hidden must be a width in [1, 65536] (None: 512), got {o.head_hidden}")
-        if o.kmeans_backend not in ("torch", "sklearn"):
-            raise ValueError(f"method.kmeans_backend must be torch or sklearn, got {o.kmeans_backend!r}")
-        if not 0 <= o.kmeans_seed < 2**63:
-            raise ValueError(f"method.kmeans_seed must be a non-negative integer, got {o.kmeans_seed}")
+        """Every option's declared limits, the cluster counts and, with ``files``, the pseudo-label inputs
+        (config.validate calls this before the run directory is touched)."""
+        super().check_options(o, cfg)
         if not o.ce_weight > 0:
             return
         parse_ks(o.cluster_ks)

@@ -46,6 +46,7 @@ from advfast.ops.contrastive import info_nce
 from advfast.losses import MemoryBank
 from advfast.methods import register
 from advfast.methods.base import Method
+from advfast.methods.options import option
 from advfast.methods.momentum import MomentumEncoder
 from advfast.models import build_encoder, build_head
 
@@ -76,7 +77,8 @@ class AMOC(Method):
         queue_size_clean: int = 32768  # K1
         queue_size_adv: int = 32768  # K2
         momentum: float = 0.999
-        leverage: float = 0.5  # lambda: weight of the clean (CCC) term
+        # lambda: weight of the clean (CCC) term
+        leverage: float = option(0.5, low=0, high=1, rule="in [0, 1] (the paper uses 0.5)")
         official_aca_queue: bool = False  # aca only: the CLI-default ACA that never fills queue_adv
         enqueue_before_loss: bool = True  # official order; False: MoCo's (enqueue after the step)
         ema_backend: str = "auto"
@@ -85,8 +87,6 @@ class AMOC(Method):
     def __init__(self, cfg, num_classes: int, mean, std):
         super().__init__(cfg, num_classes, mean, std)
         o = self.options
-        if not 0.0 <= o.leverage <= 1.0:
-            raise ValueError(f"method.leverage must be in [0, 1] (the paper uses 0.5), got {o.leverage}")
         if o.official_aca_queue and self.variant != "aca":
             raise ValueError(f"method.official_aca_queue applies to variant 'aca' only, not {self.variant!r}")
         if cfg.attack.kind == "none":

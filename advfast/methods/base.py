@@ -26,6 +26,7 @@ from torch import nn
 from advfast import attacks
 from advfast.config import TrainConfig, closest, coerce, field_names
 from advfast.methods.hooks import EncoderInput, Stage
+from advfast.methods.options import check_declared
 
 
 class Method(nn.Module):
@@ -54,6 +55,7 @@ class Method(nn.Module):
         self.cfg = cfg
         self.variant = self.resolve_variant(cfg.variant)
         self.options = self.parse_options(cfg.method_options)
+        check_declared(self.options)
         self.num_classes = num_classes
         self.eval_branch = "normal"
 
@@ -106,6 +108,12 @@ class Method(nn.Module):
     def prepare_bench_run(cls, cfg: TrainConfig, workdir) -> None:
         """Make ``cfg`` runnable on advfast-bench's synthetic images: files it must read (written under
         ``workdir``) and options pointing at them. Nothing by default."""
+
+    @classmethod
+    def check_options(cls, options, cfg: TrainConfig) -> None:
+        """Every option within its declared limits (advfast.methods.options); config.validate calls this
+        after its own checks. Override to add checks that need more (other options, files), calling super."""
+        check_declared(options)
 
     # ---- the recipe ----------------------------------------------------------------------------
     def training_step(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -31,6 +31,7 @@ import torch
 
 from advfast.methods import register
 from advfast.methods.moco import MoCo
+from advfast.methods.options import option
 
 
 @register
@@ -49,13 +50,11 @@ class MoCoAdv(MoCo):
 
     @dataclasses.dataclass
     class Options(MoCo.Options):
-        clean_weight: float = 0.0  # w: loss = (1 - w) * adversarial + w * clean InfoNCE
+        clean_weight: float = option(0.0, low=0, high=1)  # w: loss = (1 - w) * adversarial + w * clean InfoNCE
         attack_train_mode: bool = False  # run the attack with the model in train mode
 
     def __init__(self, cfg, num_classes: int, mean, std):
         super().__init__(cfg, num_classes, mean, std)
-        if not 0.0 <= self.options.clean_weight <= 1.0:
-            raise ValueError(f"method.clean_weight must be in [0, 1], got {self.options.clean_weight}")
         if cfg.attack.kind == "none":
             raise ValueError("moco-adv needs an attack: set attack.kind to pgd or fgsm (or use --method moco)")
 

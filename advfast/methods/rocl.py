@@ -37,6 +37,7 @@ import torch
 from advfast.losses.rocl import rocl_nt_xent
 from advfast.methods import register
 from advfast.methods.base import Method
+from advfast.methods.options import option
 from advfast.models import build_encoder, build_head
 from advfast.ops.contrastive import nt_xent
 
@@ -75,24 +76,20 @@ class RoCL(Method):
 
     @dataclasses.dataclass
     class Options:
-        lamda: float = 256.0  # the regulariser's weight is 1/lamda (official --lamda 256)
-        loss_form: str = "official"  # "official" (detached right factor, separate positives) | "paper" (eq. 3)
+        # the regulariser's weight is 1/lamda (official --lamda 256)
+        lamda: float = option(256.0, above=0, rule="> 0 (the regulariser weight is 1/lamda)")
+        # "official" (detached right factor, separate positives) | "paper" (eq. 3)
+        loss_form: str = option("official", choices=("official", "paper"))
         head_hidden: int | None = None  # projector width (None: 2048)
         normalize_input: bool = False  # the official model does not normalise its input
         loss_backend: str = "auto"  # backend of ops.nt_xent (loss_form=paper)
         # images per GPU of the official run: its attack and 1/lamda regulariser see only their GPU's
         # images as negatives (no all_gather), while the 'Rep' loss gathers the whole batch. None: one group.
-        local_batch: int | None = None
+        local_batch: int | None = option(None, low=1, rule="a positive int or None")
 
     def __init__(self, cfg, num_classes: int, mean, std):
         super().__init__(cfg, num_classes, mean, std)
         o = self.options
-        if o.loss_form not in ("official", "paper"):
-            raise ValueError(f"method.loss_form must be 'official' or 'paper', got {o.loss_form!r}")
-        if o.local_batch is not None and o.local_batch < 1:
-            raise ValueError(f"method.local_batch must be a positive int or None, got {o.local_batch}")
-        if not o.lamda > 0:
-            raise ValueError(f"method.lamda must be > 0 (the regulariser weight is 1/lamda), got {o.lamda}")
         self.temperature = float(cfg.temperature)
         norm = (mean, std) if o.normalize_input else (None, None)
         self.backbone = build_encoder(cfg.arch, ("normal",), *norm)

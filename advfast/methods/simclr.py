@@ -19,6 +19,7 @@ from advfast.dist import gather_views
 from advfast.ops.contrastive import nt_xent
 from advfast.methods import register
 from advfast.methods.base import Method
+from advfast.methods.options import option
 from advfast.models import build_encoder, build_head
 
 
@@ -66,13 +67,12 @@ class SimCLR(Method):
         head_hidden: int | None = None  # head width (None: the kind's default, 512 for "acl")
         two_layer_proj: bool = False  # ACL's --twoLayerProj: drop fc3 of the "acl" head
         loss_backend: str = "auto"  # backend of ops.nt_xent
-        input_stats: str = "imagenet"  # normalisation inside the model: "imagenet" as ACL's code, or "dataset"
+        # normalisation inside the model: "imagenet" as ACL's code, or "dataset"
+        input_stats: str = option("imagenet", choices=("imagenet", "dataset"))
 
     def __init__(self, cfg, num_classes: int, mean, std):
         super().__init__(cfg, num_classes, mean, std)
         self.temperature = float(cfg.temperature)
-        if self.options.input_stats not in ("imagenet", "dataset"):
-            raise ValueError(f"method.input_stats must be 'imagenet' or 'dataset', got {self.options.input_stats!r}")
         if self.options.input_stats == "imagenet" and len(mean) == 3:
             mean, std = IMAGENET_MEAN, IMAGENET_STD
         branches = self.branches()
