@@ -532,7 +532,7 @@ def _backend_choices(option: str) -> tuple[str, ...]:
 
         return ("auto",) + tuple(IMPLEMENTED)
     if option == "ema_backend":
-        from advfast.ops.ema import _IMPLEMENTED
+        from advfast.ops.ema_update import _IMPLEMENTED
 
         return ("auto",) + tuple(_IMPLEMENTED)
     if option == "kmeans_backend":

@@ -145,10 +145,10 @@ def _ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
 
 def all_variants(arch: int) -> list[Variant]:
     """Every launcher variant of every kernel module for ``arch``, each compile key once."""
-    from advfast.kernels import contrastive, ema, pgd_step
+    from advfast.kernels import contrastive, ema_update, pgd_step
 
     seen, out = set(), []
-    for module in (contrastive, pgd_step, ema):
+    for module in (contrastive, pgd_step, ema_update):
         for v in module.aot_variants(arch):
             if v.key() in seen:
                 continue

@@ -16,7 +16,7 @@ program knows its sample without a per-element division and reads eps/alpha once
 Half-precision x is computed in float32 and rounded once on the store (to nearest even on a GPU;
 Triton's CPU interpreter truncates instead, which the tests allow for).
 
-Launchers take arbitrary tensors (the checks live in advfast.ops.pgd) and fall back to contiguous
+Launchers take arbitrary tensors (the checks live in advfast.ops.pgd_step) and fall back to contiguous
 copies when the layouts differ or are not batch-major dense.
 """
 

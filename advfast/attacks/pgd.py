@@ -23,8 +23,8 @@ from typing import Callable
 
 import torch
 
-from advfast.ops.pgd import pgd_step_
-from advfast.ops.pgd import random_start as draw_start
+from advfast.ops.pgd_step import pgd_step_
+from advfast.ops.pgd_step import random_start as draw_start
 
 _NORMS = ("linf", "l2")
 GRADIENT_MODES = ("input", "full")

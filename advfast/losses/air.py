@@ -30,6 +30,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from advfast.ops.dtypes import HALF, upcast
+
 LAMBDA_SIR = 0.5  # --lambda1
 LAMBDA_AIR = 0.5  # --lambda2
 TEMPERATURE = 0.5
@@ -66,7 +68,7 @@ def air_regularizers(z1: torch.Tensor, z2: torch.Tensor, z_orig: torch.Tensor, a
                      temperature: float = TEMPERATURE, kl: str = "code") -> tuple[torch.Tensor, torch.Tensor]:
     """(SIR, AIR) of one batch; see the module docstring. Computed in float32 at least."""
     _check({"z1": z1, "z2": z2, "z_orig": z_orig, "a1": a1, "a2": a2}, kl, temperature)
-    up = (lambda z: z.float()) if z1.dtype in (torch.float16, torch.bfloat16) else (lambda z: z)
+    up = upcast if z1.dtype in HALF else (lambda z: z)  # z1's dtype decides for all five, as before
     z1, z2, zo, a1, a2 = (F.normalize(up(z), p=2, dim=-1) for z in (z1, z2, z_orig, a1, a2))
 
     log_p = F.log_softmax(_row_logits(z1, zo, temperature), 0)

@@ -51,6 +51,8 @@ import numbers
 import torch
 import torch.nn.functional as F
 
+from advfast.ops.dtypes import upcast
+
 
 def _check_stack(op: str, z, num_views: int) -> int:
     if not isinstance(z, torch.Tensor) or z.dim() != 2 or not z.is_floating_point():
@@ -80,7 +82,7 @@ def _check_degree(op: str, sd) -> None:
 
 
 def _compute(z: torch.Tensor) -> torch.Tensor:
-    return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+    return upcast(z)
 
 
 def _masks(b: int, v: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -28,11 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from advfast.attacks.pgd import pgd
+from advfast.ops.dtypes import upcast
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     """bf16/fp16 features (autocast) compare in fp32; float64 stays float64 (fidelity checks)."""
-    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+    return upcast(t)
 
 
 def freeze_teacher(teacher: nn.Module) -> nn.Module:

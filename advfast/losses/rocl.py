@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from advfast.ops.dtypes import upcast
+
 
 def rocl_nt_xent(z: torch.Tensor, num_views: int, temperature: float = 0.5,
                  detach_right: bool = True) -> torch.Tensor:
@@ -37,7 +39,7 @@ def rocl_nt_xent(z: torch.Tensor, num_views: int, temperature: float = 0.5,
                          "stack the views as cat([view_1, ..., view_V]) of equal batch size")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+    z = upcast(z)
     total = z.shape[0]
     n = total // num_views
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from advfast.dist import shuffled_forward
-from advfast.ops.ema import ema_update_
+from advfast.ops.ema_update import ema_update_
 
 
 class MomentumEncoder(nn.Module):

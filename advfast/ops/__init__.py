@@ -3,8 +3,8 @@
 from advfast import _ext
 from advfast.ops._dispatch import BACKENDS, auto_backend, available_backends
 from advfast.ops.contrastive import info_nce, nt_xent
-from advfast.ops.ema import ema_update_
-from advfast.ops.pgd import pgd_step, pgd_step_, random_start
+from advfast.ops.ema_update import ema_update_
+from advfast.ops.pgd_step import pgd_step, pgd_step_, random_start
 
 __all__ = [
     "BACKENDS",

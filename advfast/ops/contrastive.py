@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from advfast.ops._dispatch import resolve
+from advfast.ops.dtypes import compute_dtype
 
 IMPLEMENTED = ("triton", "torch-chunked", "torch")
 POSITIVE_MODES = ("mean_log_prob", "sum_in_numerator")
@@ -75,11 +76,6 @@ def _pick_backend(op: str, backend, device: torch.device, logits: int, dtype: to
                             f"use backend='torch' or 'torch-chunked'")
         implemented = tuple(b for b in IMPLEMENTED if b != "triton")
     return resolve(op, backend, device, implemented, order)
-
-
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    """Statistics accumulate in float32, or float64 for float64 inputs."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,12 +137,12 @@ def _chunks(q: torch.Tensor, keys: torch.Tensor):
     block's first key as a python int (slicing with a device tensor would read it back to the host)."""
     step = max(1, CHUNK_ELEMENTS // q.shape[0])
     for c0 in range(0, keys.shape[0], step):
-        block = keys[c0:c0 + step].to(_acc_dtype(q))
+        block = keys[c0:c0 + step].to(compute_dtype(q.dtype))
         yield c0, torch.arange(c0, c0 + block.shape[0], device=keys.device), block
 
 
 def _chunked_forward(q, keys, scale, mask_diag, period, pos_mode):
-    qf = q.to(_acc_dtype(q))
+    qf = q.to(compute_dtype(q.dtype))
     rows = torch.arange(q.shape[0], device=q.device)
     lse = torch.full((q.shape[0],), float("-inf"), device=q.device, dtype=qf.dtype)
     pos = None
@@ -168,7 +164,7 @@ def _chunked_forward(q, keys, scale, mask_diag, period, pos_mode):
 
 
 def _chunked_backward(q, keys, scale, lse, g_lse, pos, g_pos, mask_diag, period, pos_mode, need_dq, need_dk):
-    qf = q.to(_acc_dtype(q))
+    qf = q.to(compute_dtype(q.dtype))
     rows = torch.arange(q.shape[0], device=q.device)
     dq = torch.zeros_like(qf) if need_dq else None
     dk = torch.empty(keys.shape, device=keys.device, dtype=qf.dtype) if need_dk else None
@@ -273,7 +269,7 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None = None
     if normalize:
         q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
     scale = 1.0 / t
-    acc = _acc_dtype(q)
+    acc = compute_dtype(q.dtype)
     pos = (q.to(acc) * k.to(acc)).sum(dim=1) * scale
     if queue is None:
         lse, _ = _row_lse(q, k, scale, False, 1, 0, backend)

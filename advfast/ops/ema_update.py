@@ -5,7 +5,7 @@ integer and bool pairs (BatchNorm's num_batches_tracked) are copied, since avera
 meaningless. The formula is exact at the ends: m = 0 copies src, m = 1 leaves ema unchanged.
 
 Backends: "cuda"/"cpp" call torch.ops.advfast.ema_update_ once for all pairs (the extension
-groups by dtype and copies the integer ones); "triton" launches once per dtype group (kernels/ema.py); "torch" is the
+groups by dtype and copies the integer ones); "triton" launches once per dtype group (kernels/ema_update.py); "torch" is the
 plain per-tensor loop below, computed in float32 for half-precision tensors.
 """
 
@@ -17,6 +17,7 @@ from collections.abc import Iterable
 import torch
 
 from advfast.ops import _dispatch
+from advfast.ops.dtypes import compute_dtype
 
 _IMPLEMENTED = ("cuda", "triton", "cpp", "torch")
 _AUTO_ORDER = ("cuda", "triton", "cpp", "torch")
@@ -64,7 +65,7 @@ def ema_update_reference(ema_tensors: list[torch.Tensor], tensors: list[torch.Te
         if not e.is_floating_point():
             e.copy_(s)
             continue
-        compute = torch.float32 if e.dtype in (torch.float16, torch.bfloat16) else e.dtype
+        compute = compute_dtype(e.dtype)
         e.copy_(e.to(compute) * momentum + s.to(compute) * (1.0 - momentum))
 
 
@@ -95,7 +96,7 @@ def ema_update_(ema_tensors, tensors, momentum: float, backend: str = "auto") ->
             torch._foreach_copy_([e for e, _ in counters], [s for _, s in counters])
         if not floats:
             return
-        from advfast.kernels import ema as kernels
+        from advfast.kernels import ema_update as kernels
 
         with _dispatch.device_guard(device):
             kernels.ema_update_([e for e, _ in floats], [s for _, s in floats], m)

@@ -106,7 +106,7 @@ def split_fp32(value: float) -> tuple[float, float]:
 
 
 def ema_update_(ema_tensors: list[torch.Tensor], tensors: list[torch.Tensor], momentum: float) -> None:
-    """In place ema = m*ema + (1-m)*src for floating tensors (checked by advfast.ops.ema)."""
+    """In place ema = m*ema + (1-m)*src for floating tensors (checked by advfast.ops.ema_update)."""
     groups: dict[torch.dtype, list[tuple[torch.Tensor, torch.Tensor]]] = {}
     m = float(momentum)
     weights = (*split_fp32(m), *split_fp32(1.0 - m))

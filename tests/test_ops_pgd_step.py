@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from advfast.ops import _dispatch, pgd_step, pgd_step_, random_start
-from advfast.ops.pgd import pgd_step_reference
+from advfast.ops.pgd_step import pgd_step_reference
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = ["torch", "triton", "cpp", "cuda"]
@@ -448,7 +448,7 @@ triton.compile(ASTSource(k._pgd_l2_apply_kernel, apply, dict(
     EPS_PER_SAMPLE=True, ALPHA_PER_SAMPLE=False, COMPUTE=tl.float32, BLOCK=4096, PARTS=64)),
     target=target, options={"num_warps": 8})
 
-from advfast.kernels import ema as ke  # noqa: E402  (compiled here too: one process for both files)
+from advfast.kernels import ema_update as ke  # noqa: E402  (compiled here too: one process for both files)
 
 table = dict(table_ptr="*i64", T="i32", m="fp32", m_lo="fp32", one_minus_m="fp32", one_minus_m_lo="fp32",
              DTYPE="constexpr",

@@ -1,7 +1,7 @@
 """ema_update_: every available backend against the float64 reference, on mixed lists of tensors.
 
 That the Triton kernel also compiles for a GPU is checked, without one, by
-tests/test_ops_pgd.py::test_triton_kernels_compile_for_sm90 (one process compiles both kernel files),
+tests/test_ops_pgd_step.py::test_triton_kernels_compile_for_sm90 (one process compiles both kernel files),
 and its registers, spills and shared memory on sm_80 and sm_90 by tests/test_triton_aot.py.
 """
 
@@ -114,7 +114,7 @@ def test_module_parameters_and_buffers(backend):
 
 def test_triton_launches_once_per_dtype_group(monkeypatch):
     need("triton")
-    from advfast.kernels import ema as kernels
+    from advfast.kernels import ema_update as kernels
 
     launches = []
     real = kernels._ema_kernel

@@ -25,6 +25,7 @@ import math
 import torch
 
 from advfast.ops import _dispatch
+from advfast.ops.dtypes import compute_dtype
 
 NORMS = {"linf": 0, "l2": 1}
 
@@ -34,11 +35,6 @@ _AUTO_ORDER = ("cuda", "triton", "cpp", "torch")
 
 def _compiling() -> bool:
     return torch.compiler.is_compiling()
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Half-precision inputs are computed in float32 (as the kernels do); float32/64 as they are."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 # ----------------------------------------------------------------------------------------- checks
@@ -136,7 +132,7 @@ def pgd_step_reference(x_adv: torch.Tensor, x_nat: torch.Tensor, grad: torch.Ten
 
     Tests hold every backend to this function applied to float64 copies of the inputs.
     """
-    compute = _compute_dtype(x_adv.dtype)
+    compute = compute_dtype(x_adv.dtype)
     x, xn, g = x_adv.to(compute), x_nat.to(compute), grad.to(compute)
     eps, alpha = _per_sample(eps, x), _per_sample(alpha, x)
     if norm == "linf":
@@ -169,7 +165,7 @@ def _filled(value: float, n: int, device: torch.device, dtype: torch.dtype) -> t
 def _as_radius_vector(value: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """eps/alpha as the compiled ops take them: shape (B,), in the compute dtype (float64 for float64 x,
     float32 otherwise), so a float64 step is not limited by a float32 radius."""
-    dtype = _compute_dtype(x.dtype)
+    dtype = compute_dtype(x.dtype)
     if isinstance(value, torch.Tensor):
         return value.to(dtype).expand(x.shape[0]).contiguous()
     if x.is_cuda and torch.cuda.is_current_stream_capturing():
@@ -259,7 +255,7 @@ def random_start(x_nat: torch.Tensor, eps: float | torch.Tensor, norm: str = "li
         if generator.device.type != x_nat.device.type:
             raise ValueError(f"generator is on {generator.device} but x_nat is on {x_nat.device}; "
                              f"use torch.Generator(device={str(x_nat.device)!r})")
-    compute = _compute_dtype(x_nat.dtype)
+    compute = compute_dtype(x_nat.dtype)
     with torch.no_grad():
         x = x_nat.to(compute)
         radius = _per_sample(eps, x)
