@@ -128,7 +128,7 @@ def test_attack_raises_its_loss_in_eval_mode_and_stays_in_the_ball():
     m.eval()
     with torch.no_grad():
         def attacked(x):
-            return official_nt_xent(official_pairwise_similarity(m.project(torch.cat([x, x2])).double(), 0.5), "None")
+            return official_nt_xent(official_pairwise_similarity(m.embed(torch.cat([x, x2])).double(), 0.5), "None")
         assert attacked(x_adv) > attacked(x1)
 
 

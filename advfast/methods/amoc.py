@@ -130,7 +130,8 @@ class AMOC(Method):
         return self.queue_adv if self.variant in ("aca", "aaa") else self.queue_clean
 
     # ---- encoders ---------------------------------------------------------------------------------
-    def query(self, x: torch.Tensor, branch: str) -> torch.Tensor:
+    def embed(self, x: torch.Tensor, branch: str) -> torch.Tensor:
+        """Query projection of images ``x`` through BN branch ``branch`` (normalised)."""
         return F.normalize(self.head_q(self.encoder_q(x, branch), branch), dim=1)
 
     def key_of(self, x: torch.Tensor, branch: str) -> torch.Tensor:
@@ -154,7 +155,7 @@ class AMOC(Method):
         """Summed CE-0 over [q.k, q.negatives]/T of x = cat(x_q, x_k), as the official MoCoXYZ.forward
         under foolbox (the model is in eval mode; nothing is enqueued)."""
         x_q, x_k = x.chunk(2)
-        q = self.query(x_q, ADV)
+        q = self.embed(x_q, ADV)
         if self.adversarial_key:
             k = self.key_of(x_k, ADV)
         else:
@@ -173,14 +174,14 @@ class AMOC(Method):
         x_q_adv, x_k_adv = self.attack(x_q, x_k)
 
         # CCC: clean query, clean key, clean bank
-        q = self.query(x_q, CLEAN)
+        q = self.embed(x_q, CLEAN)
         with torch.no_grad():
             k = self.key_of(x_k, CLEAN)
         self._store(self.queue_clean, k)
         loss_c = self._nce(q, k, self.queue_clean)
 
         # the adversarial term
-        q_a = self.query(x_q_adv, ADV)
+        q_a = self.embed(x_q_adv, ADV)
         with torch.no_grad():
             if self.adversarial_key:
                 k_a = self.key_of(x_k_adv, ADV)

@@ -105,7 +105,8 @@ class MoCo(Method):
         return self.encoder_q
 
     # ---- pieces shared with moco-adv -------------------------------------------------------------
-    def query(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Query projection of images ``x`` (normalised): the query encoder and its head."""
         return F.normalize(self.head_q(self.encoder_q(x)), dim=1)
 
     @torch.no_grad()
@@ -120,7 +121,7 @@ class MoCo(Method):
     # ---- the recipe ------------------------------------------------------------------------------
     def training_step(self, batch):
         x_q, x_k = batch.views[0], batch.views[1]
-        q = self.query(x_q)
+        q = self.embed(x_q)
         k = self.keys(x_k)
         loss = self.contrast(q, k)
         self._pending_keys.append(k)

@@ -79,7 +79,7 @@ class MoCoAdv(MoCo):
 
     def attack_objective(self, x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Summed MoCo InfoNCE of the queries of ``x`` against their keys ``k`` and the queue."""
-        return self.contrast(self.query(x), k) * x.shape[0]
+        return self.contrast(self.embed(x), k) * x.shape[0]
 
     def attack(self, x_q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         with self.attack_mode(train=self.options.attack_train_mode and self.training):
@@ -89,12 +89,12 @@ class MoCoAdv(MoCo):
         x_q, x_k = batch.views[0], batch.views[1]
         k = self.keys(x_k)
         x_adv = self.attack(x_q, k)
-        q_adv = self.query(x_adv)
+        q_adv = self.embed(x_adv)
         loss_adv = self.contrast(q_adv, k)
         metrics = {"loss_adv": loss_adv.detach()}
         w = self.options.clean_weight
         if w > 0:
-            loss_clean = self.contrast(self.query(x_q), k)
+            loss_clean = self.contrast(self.embed(x_q), k)
             loss = (1.0 - w) * loss_adv + w * loss_clean
             metrics["loss_clean"] = loss_clean.detach()
         else:

@@ -104,7 +104,7 @@ class RoCL(Method):
     def encoder(self):
         return self.backbone
 
-    def project(self, x: torch.Tensor) -> torch.Tensor:
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Projector output (not normalised; the loss normalises), fp32 for the loss."""
         return self.head(self.backbone(x)).float()
 
@@ -126,7 +126,7 @@ class RoCL(Method):
         with self.attack_mode():
             def make_loss(x2):
                 def loss_fn(x):  # eval mode: one forward, then the groups (features do not depend on the batch)
-                    z = self.project(torch.cat([x, x2]))
+                    z = self.embed(torch.cat([x, x2]))
                     return self.pair_loss(z[:x.shape[0]], z[x.shape[0]:])
                 return loss_fn
 
@@ -136,8 +136,8 @@ class RoCL(Method):
     def training_step(self, batch):
         x1, x2 = batch.views[0], batch.views[1]
         x_adv = self.attack(x1, x2)
-        z_reg = self.project(torch.cat([x_adv, x2]))  # one BN batch, as SyncBN over the GPUs
+        z_reg = self.embed(torch.cat([x_adv, x2]))  # one BN batch, as SyncBN over the GPUs
         loss_reg = self.pair_loss(z_reg[:x1.shape[0]], z_reg[x1.shape[0]:])
-        loss_rep = self.contrastive_loss(self.project(torch.cat([x1, x2, x_adv])), 3)
+        loss_rep = self.contrastive_loss(self.embed(torch.cat([x1, x2, x_adv])), 3)
         loss = loss_rep + loss_reg / self.options.lamda
         return loss, {"loss_rep": loss_rep.detach(), "loss_adv_reg": loss_reg.detach()}
