@@ -133,3 +133,17 @@ def test_report_speedups_and_table(tmp_path):
     path = tmp_path / "sub" / "r.json"
     report.write_json(doc, str(path))
     assert json.loads(path.read_text())["rows"][1]["speedup_vs_eager"] == 8.0
+
+
+def test_bench_config_applies_each_methods_declarations(tmp_path):
+    from advfast.bench.configs import EAGER
+    from advfast.bench.harness import TINY, bench_config
+
+    cpu = torch.device("cpu")
+    assert bench_config("moco", EAGER, TINY, cpu, tmp_path).method_options["queue_size"] == 1024  # queue_options
+    amoc = bench_config("amoc", EAGER, TINY, cpu, tmp_path).method_options
+    assert (amoc["queue_size_clean"], amoc["queue_size_adv"]) == (1024, 1024)
+    advcl = bench_config("advcl", EAGER, TINY, cpu, tmp_path)  # prepare_bench_run: random ClusterFit labels
+    assert advcl.method_options["pseudo_labels"] == str(tmp_path / "pseudo_labels.safetensors")
+    assert (tmp_path / "pseudo_labels.safetensors").is_file()
+    assert "pseudo_labels" not in bench_config("acl", EAGER, TINY, cpu, tmp_path).method_options
