@@ -57,12 +57,15 @@ L2Sums l2_sums(const x_t* xa, const x_t* xn, const g_t* g, int64_t n) {
     const op_t* a = load_as<op_t>(xa + off, ba, m);
     const op_t* na = load_as<op_t>(xn + off, bn, m);
     const op_t* gv = load_as<op_t>(g + off, bg, m);
-    op_t gg = 0, dg = 0, dd = 0;
+    // Products and sums in double: a float32 g of ~1e-23 squares below float's subnormal range, and
+    // its step direction must survive (the Triton kernel and the torch reference do the same).
+    double gg = 0, dg = 0, dd = 0;
 #pragma omp simd reduction(+ : gg, dg, dd)
     for (int64_t i = 0; i < m; ++i) {
-      const op_t d = a[i] - na[i];
-      gg += gv[i] * gv[i];
-      dg += d * gv[i];
+      const double gi = static_cast<double>(gv[i]);
+      const double d = static_cast<double>(a[i]) - static_cast<double>(na[i]);
+      gg += gi * gi;
+      dg += d * gi;
       dd += d * d;
     }
     out.gg += gg;
