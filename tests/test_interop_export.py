@@ -140,7 +140,6 @@ def test_what_the_layout_cannot_hold_is_refused_in_one_line(tmp_path, capsys):
     gray = build_encoder("resnet18", in_channels=1)
     with pytest.raises(InteropError, match="takes 3-channel images; this encoder takes 1"):
         check_exportable(gray)
-    import advfast.interop.archs  # noqa: F401
     with pytest.raises(InteropError, match="resnet18_solo encoder cannot be written"):
         check_exportable(build_encoder("resnet18_solo"))  # DeACL / solo-learn stem (padding 2)
     assert export_main(["--to", "robustssl", str(tmp_path / "nope"), "--out", str(tmp_path / "y.pt")]) == 2

@@ -28,7 +28,7 @@ def _randomise_bn(module: nn.Module) -> None:
 
 
 def test_archs_listed():
-    assert set(available_archs()) == {"resnet18", "resnet50", "wrn34_10", "convnet"}
+    assert set(available_archs()) == {"resnet18", "resnet18_solo", "resnet50", "wrn34_10", "convnet"}
 
 
 @pytest.mark.parametrize("arch,feat_dim", [("resnet18", 512), ("convnet", 128)])

@@ -8,7 +8,6 @@ Loading never unpickles arbitrary objects (see :mod:`advfast.interop.safe_unpick
 an :class:`InteropError` (a ValueError: one line, exit code 2 in the CLIs).
 """
 
-from advfast.interop import archs  # noqa: F401  (registers the resnet18_solo arch)
 from advfast.interop.errors import InteropError
 from advfast.interop.export import check_exportable, export_run_to_robustssl, robustssl_state_dict, save_robustssl
 from advfast.interop.formats import FORMATS, PublishedFormat, get_format

@@ -40,7 +40,6 @@ def load_published(path, fmt: str, bn_branch: str | None = None, dataset: str = 
     The metadata has the keys advfast-eval reads from an advfast export (dataset, image_size,
     bn_branch, arch, mean, std, feat_dim) plus format, method, source, epoch, branches and dropped_keys.
     """
-    from advfast.interop import archs  # noqa: F401  (registers resnet18_solo)
     from advfast.models import build_encoder
 
     spec = get_format(fmt)

@@ -72,11 +72,12 @@ class Bottleneck(nn.Module):
 class CifarResNet(Encoder):
     block: type[nn.Module] = BasicBlock
     depths: tuple[int, int, int, int] = (2, 2, 2, 2)
+    stem_padding: int = 1  # the 3x3 stem's padding (solo-learn's CIFAR stem uses 2)
 
     def __init__(self, bn_branches=("normal",), mean=None, std=None, in_channels=None):
         super().__init__(bn_branches, mean, std, in_channels)
         branches = self.branches
-        self.conv1 = conv3x3(self.in_channels, 64)
+        self.conv1 = nn.Conv2d(self.in_channels, 64, kernel_size=3, stride=1, padding=self.stem_padding, bias=False)
         self.bn1 = make_bn(64, branches)
         self.relu = nn.ReLU(inplace=True)
         in_planes = 64
@@ -103,6 +104,15 @@ class CifarResNet(Encoder):
 class ResNet18(CifarResNet):
     block = BasicBlock
     depths = (2, 2, 2, 2)
+
+
+@register_arch("resnet18_solo")
+class SoloResNet18(ResNet18):
+    """ResNet-18 with solo-learn's CIFAR stem, ``Conv2d(3, 64, 3, stride=1, padding=2)`` (solo/methods/base.py;
+    DeACL's and solo-learn's SimCLR backbone): the weights have ResNet-18's shapes, but the feature maps are
+    34x34, 17, 9, 5, so a padding-1 stem would compute something else (advfast.interop loads these files)."""
+
+    stem_padding = 2
 
 
 @register_arch("resnet50")
