@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advfast.eval.finetune import Classifier, finetune, trades_examples
+from advfast.attacks.trades import trades_examples
+from advfast.eval.finetune import Classifier, finetune
 from advfast.eval.protocols import protocol_preset
 from advfast.eval.report import plot_eps_curve, plot_training_curves, plot_tsne, write_report
 from advfast.eval.robustness import (AttackSpec, clean_accuracy, corruption_accuracy, l1_attack, parse_attacks,

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advfast import ops
 from advfast.attacks import pgd
+from advfast.attacks.trades import trades_examples
 from advfast.eval.protocols import ProtocolConfig
+from advfast.losses.trades import trades_loss
 
 
 class Classifier(nn.Module):
@@ -65,27 +66,6 @@ def ce_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, al
         model.train(was_training)
 
 
-def trades_examples(model: nn.Module, x: torch.Tensor, eps: float, alpha: float, steps: int,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """TRADES' inner maximisation as ACL's train_trades.py: start at x + 0.001 N(0, 1), ascend
-    KL(p(x') || p(x)) (summed), model in eval mode."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            p_nat = F.softmax(model(x), dim=1)
-        noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-        x_adv = (x + 0.001 * noise).detach()
-        for _ in range(steps):
-            x_adv.requires_grad_(True)
-            kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), p_nat, reduction="sum")
-            (grad,) = torch.autograd.grad(kl, x_adv)
-            x_adv = ops.pgd_step_(x_adv.detach(), x, grad, eps, alpha)
-        return x_adv.detach()
-    finally:
-        model.train(was_training)
-
-
 def _lr_at(cfg: ProtocolConfig, epoch: int) -> float:
     return cfg.lr * (0.1 ** sum(epoch >= m for m in cfg.milestones))
 
@@ -114,8 +94,7 @@ def finetune(model: Classifier, loader, cfg: ProtocolConfig, progress=None,
             if cfg.protocol == "aff":
                 x_adv = trades_examples(model, x, cfg.train_eps, cfg.train_alpha, cfg.train_steps, generator)
                 logits = model(x)
-                loss = F.cross_entropy(logits, y) + cfg.trades_beta * F.kl_div(
-                    F.log_softmax(model(x_adv), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
+                loss = trades_loss(logits, model(x_adv), y, cfg.trades_beta)
             else:
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)
