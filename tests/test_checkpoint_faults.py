@@ -21,7 +21,7 @@ import torch
 from advfast.cli import train_main
 from advfast.engine import CheckpointError, Trainer, TrainingDiverged, build_config, load_checkpoint
 from advfast.engine.checkpoint import KILL_HOOK_ENV, list_checkpoints
-from advfast.engine.export import load_encoder
+from advfast.models.export import load_encoder
 from advfast.eval.pretrained import load_pretrained
 
 SMALL = dict(image_size=8, batch_size=512, epochs=3, progress=False, log_every=1, ckpt_every=1, deterministic=True,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from advfast.engine.export import export_encoder
+from advfast.models.export import export_encoder
 from advfast.interop import InteropError, check_exportable, load_published, robustssl_state_dict, save_robustssl
 from advfast.interop.cli import export_main
 from advfast.models import build_encoder, to_single_branch

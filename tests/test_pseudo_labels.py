@@ -147,7 +147,7 @@ def _encoder_run_dir(path, seed):
     enc = build_encoder("convnet", ("normal",), widths=(8, 16), strides=(2, 1))
     path.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in enc.state_dict().items()}, str(path / "encoder.safetensors"))
-    from advfast.engine.export import FORMAT
+    from advfast.models.export import FORMAT
 
     (path / "encoder.json").write_text(json.dumps({"format": FORMAT, "bn_branch": "normal",
                                                    "build_args": dict(enc.build_args, bn_branches=["normal"])}))

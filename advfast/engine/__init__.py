@@ -6,7 +6,7 @@
 """
 
 from advfast.engine.checkpoint import CheckpointError, latest_valid_checkpoint, load_checkpoint
-from advfast.engine.export import export_encoder
+from advfast.models.export import export_encoder
 from advfast.engine.precision import Precision, resolve_precision
 from advfast.engine.trainer import Trainer, TrainingDiverged, build_config, load_run_config, method_class
 

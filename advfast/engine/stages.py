@@ -69,7 +69,7 @@ def load_encoder_inputs(method_cls, options, cfg) -> dict[str, tuple[nn.Module, 
     """Every ``method_cls.encoder_inputs`` encoder named in ``options``, checked and loaded on the CPU,
     frozen. Reads only; ValueError (one line) for a missing required input, a directory that is not an
     advfast run with an exported encoder, a damaged or altered export, or an incompatible encoder."""
-    from advfast.engine.export import load_encoder
+    from advfast.models.export import load_encoder
 
     loaded = {}
     for spec in method_cls.encoder_inputs:

@@ -33,13 +33,13 @@ from advfast.data.build import dataset_kwargs
 from advfast.engine import checkpoint as ckpt
 from advfast.engine import distributed
 from advfast.engine.divergence import STOP, decide, weights_finite
-from advfast.engine.export import export_encoder
 from advfast.engine.logging import MetricLogger, Progress
 from advfast.engine.precision import resolve_precision, training_settings
 from advfast.engine.rundir import CHECKPOINTS, RUN_FILE, check_run_dir, prepare_run_dir, writable_dir_error
 from advfast.engine.runlock import RunDirLocked, RunLock
 from advfast.engine.stages import (STAGES_DIR, StageStep, check_same_inputs, input_record, load_encoder_inputs,
                                    plan_stages)
+from advfast.models.export import export_encoder
 
 # settings a resumed run may change with allow_change=(...) (--allow-change KEY): they change how the
 # optimisation goes on, not the shapes or the meaning of what was saved

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from advfast.engine.export import load_encoder
+from advfast.models.export import load_encoder
 
 
 def load_pretrained(path: str, bn_branch: str | None = None):

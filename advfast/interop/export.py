@@ -103,7 +103,7 @@ def export_run_to_robustssl(run_dir, out, bn_branch: str | None = None) -> tuple
     ``bn_branch``) becomes 'pgd'; the run's 'normal' branch, when it has one, becomes 'normal'.
     Returns (file written, info: arch, the benchmark's --model, branches used)."""
     import advfast
-    from advfast.engine.export import load_encoder
+    from advfast.models.export import load_encoder
 
     eval_encoder, meta = load_encoder(run_dir, bn_branch)
     model = check_exportable(eval_encoder)

@@ -52,6 +52,7 @@ from advfast.methods import register
 from advfast.methods.base import Method
 from advfast.methods.options import option
 from advfast.models import build_encoder, build_head
+from advfast.models.export import encoder_files
 from advfast.ops.contrastive import nt_xent
 
 BRANCHES = ("normal", "pgd", "pgd_ce")
@@ -207,8 +208,6 @@ class AdvCL(Method):
                                  f"with `{pl.generator_command(cfg.dataset)}`, or the official .pkl)")
             return
         if o.pseudo_labels_from != "raw_pixels":
-            from advfast.engine.export import encoder_files
-
             try:
                 encoder_files(o.pseudo_labels_from)
             except (OSError, ValueError) as e:  # the one-line reason, named after the option
@@ -232,8 +231,6 @@ class AdvCL(Method):
             feats = pl.raw_pixel_features(dataset.images, device)
             return {k: (pl.kmeans(feats, k, seed=o.kmeans_seed) if o.kmeans_backend == "torch"
                         else pl.kmeans_sklearn(feats, k, seed=o.kmeans_seed)).labels.cpu() for k in self.ks}
-        from advfast.engine.export import encoder_files
-
         enc_weights = encoder_files(o.pseudo_labels_from)[0]
         cache = enc_weights.parent / f"pseudo_labels_{cfg.dataset}.safetensors"
         return pl.build_pseudo_labels(dataset, cache, encoder=o.pseudo_labels_from, source="encoder", ks=self.ks,

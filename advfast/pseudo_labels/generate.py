@@ -20,6 +20,8 @@ from typing import Sequence
 import torch
 
 from advfast.io import file_sha256
+from advfast.models.export import encoder_files
+from advfast.models.export import load_encoder as load_exported
 from advfast.pseudo_labels.files import (DEFAULT_KS, FORMAT, check_ks, existing_cache_meta, load_pseudo_labels,
                                          save_pseudo_labels)
 from advfast.pseudo_labels.kmeans import kmeans, kmeans_sklearn
@@ -28,8 +30,6 @@ from advfast.pseudo_labels.kmeans import kmeans, kmeans_sklearn
 # ---- features ------------------------------------------------------------------------------------
 def load_encoder(run_dir: str | os.PathLike, device="cpu") -> torch.nn.Module:
     """The exported encoder of a run (its evaluation branch), in eval mode on ``device``."""
-    from advfast.engine.export import load_encoder as load_exported
-
     return load_exported(run_dir)[0].to(device)
 
 
@@ -73,8 +73,6 @@ def build_pseudo_labels(dataset, out: str | os.PathLike, *, encoder: str | os.Pa
     ks = check_ks(ks, len(dataset.labels))
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     if source == "encoder":
-        from advfast.engine.export import encoder_files
-
         enc_sha = file_sha256(encoder_files(encoder)[0])
     else:
         enc_sha = None

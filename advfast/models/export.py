@@ -13,8 +13,7 @@ import sys
 from pathlib import Path
 
 import advfast
-from advfast.engine.checkpoint import atomic_save_tensors, atomic_write_json
-from advfast.io import file_sha256
+from advfast.io import atomic_save_tensors, atomic_write_json_obj, file_sha256
 
 FORMAT = "advfast-encoder-1"
 
@@ -54,7 +53,7 @@ def export_encoder(method, cfg, out: Path, step: int, image_size: int) -> Path:
         "num_classes": int(method.num_classes), "step": int(step),
         "sha256": digests,  # of each weights file: load_encoder verifies it
     }
-    atomic_write_json(out / "encoder.json", info)
+    atomic_write_json_obj(out / "encoder.json", info)
     return out / "encoder.safetensors"
 
 
