@@ -146,3 +146,10 @@ def test_what_the_layout_cannot_hold_is_refused_in_one_line(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert export_main(["--to", "onnx", str(run), "--out", str(tmp_path / "y.pt")]) == 2
     assert "invalid choice: 'onnx'" in capsys.readouterr().err
+
+
+def test_advfast_export_is_an_installed_command():
+    import importlib.metadata
+
+    scripts = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="console_scripts")}
+    assert scripts.get("advfast-export") == "advfast.interop.cli:main"
