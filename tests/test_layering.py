@@ -111,3 +111,12 @@ def test_downward_and_sideways_imports_pass():
     ok = ("from advfast.ops import info_nce\nfrom advfast.models.encoder import Encoder\n"
           "from . import heads\nfrom advfast.dist import all_gather\n")
     assert not {layer_of(t) for _, t in imported_modules(ok, "advfast.models.sneaky")} & FORBIDDEN["models"]
+
+
+def test_augmentation_backends_do_not_import_the_factory_that_imports_them():
+    """augment.py's build_augment imports the backends; they take the interface from augment_base.py, so
+    no import circle runs through the data package (issue 15: the backends once imported back from it)."""
+    files = source_files()
+    for backend in ("advfast.data.torchvision_backend", "advfast.data.dali_backend", "advfast.data.loader"):
+        targets = {t for _, t in imported_modules(files[backend].read_text(), backend)}
+        assert "advfast.data.augment" not in targets, f"{backend} imports advfast.data.augment"

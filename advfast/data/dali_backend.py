@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from advfast.data.augment import Augment
+from advfast.data.augment_base import Augment
 from advfast.data.sizes import blur_kernel_size, out_size
 from advfast.data.presets import Blur, Flip, Grayscale, Jitter, Original, PadCrop, ResizedCrop
 

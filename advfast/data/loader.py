@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import torch
 
-from advfast.data.augment import Augment
+from advfast.data.augment_base import Augment
 from advfast.data.datasets import ImageDataset
 
 

@@ -15,7 +15,7 @@ import torchvision.transforms as T
 import torchvision.transforms.v2.functional as F
 from torchvision.transforms import InterpolationMode
 
-from advfast.data.augment import Augment
+from advfast.data.augment_base import Augment
 from advfast.data.sizes import blur_kernel_size, out_size
 from advfast.data.presets import Blur, Flip, Grayscale, Jitter, Original, PadCrop, ResizedCrop
 
