@@ -274,11 +274,10 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 def _make_trainer(cfg, args):
-    """The Trainer, after every check of the CLI and of config.validate (nothing touched the disk yet)."""
-    from advfast.config import validate
+    """The Trainer, after every check of the CLI; its first step is config.validate (nothing touches the
+    disk before it)."""
     from advfast.engine import Trainer
 
-    validate(cfg)
     return Trainer(cfg, resume=args.resume, overwrite=args.overwrite,
                    allow_change=tuple(dict.fromkeys(args.allow_change)), break_lock=args.break_lock)
 

@@ -481,7 +481,7 @@ def check_out_path(out: Any) -> None:
 
 def _validate_method(cfg) -> None:
     """The method, its variant and every method.* option: types, finite numbers, backend names, then the
-    method's own ``check_options`` (ranges, files) where it has one."""
+    method's own ``check_options`` (declared ranges and choices, files)."""
     from advfast.methods import METHODS  # here: advfast.methods imports this module
 
     if cfg.method not in METHODS:
@@ -502,9 +502,7 @@ def _validate_method(cfg) -> None:
                              f"{closest(str(value), choices)}")
         if choices and f.name != "kmeans_backend" and value != "auto":
             _check_backend_runs(f"method.{f.name}", value, cfg.device)
-    check_options = getattr(cls, "check_options", None)
-    if check_options is not None:
-        check_options(options, cfg)
+    cls.check_options(options, cfg)
 
 
 def _check_backend_runs(key: str, backend: str, device: str) -> None:

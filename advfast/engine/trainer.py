@@ -121,15 +121,7 @@ class Trainer:
             raise ValueError(f"--allow-change {bad[0]}: only {', '.join(CHANGEABLE_ON_RESUME)} can change on resume")
         if self.allow_change and not resume:
             raise ValueError("--allow-change is for --resume: a new run takes any setting")
-        cls = method_class(cfg.method)
-        cls.resolve_variant(cfg.variant)
-        cls.parse_options(cfg.method_options)
-        from advfast.models import available_archs
-
-        if cfg.arch not in available_archs():  # before any data is read: a typo should not wait for a download
-            raise ValueError(f"unknown arch {cfg.arch!r}{closest(cfg.arch, available_archs())}; "
-                             f"choose from {', '.join(available_archs())}")
-        return cls
+        return method_class(cfg.method)  # validate(cfg) has checked its variant, options and the arch
 
     def _check_run_dir(self, resume: bool, overwrite: bool) -> None:
         """The run directory can take this run (reads only); on resume, the saved run's settings."""

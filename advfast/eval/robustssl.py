@@ -24,7 +24,6 @@ row ``ra1`` (AutoAttack accuracy), ``sa1`` (clean accuracy) and ``ca1`` (mean co
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 BENCHMARK = "GodXuxilie/RobustSSL_Benchmark@19dc714 Finetuning_Methods/Vanilla_Finetuning"
@@ -198,16 +197,15 @@ def finetune_settings(pretraining: str | None = None, downstream: str = "cifar10
 
 
 def to_protocol_config(settings: FinetuneSettings, augment: str = "finetune"):
-    """The advfast.eval.protocols.ProtocolConfig running ``settings`` (fields it lacks are left out)."""
+    """The advfast.eval.protocols.ProtocolConfig running ``settings``; what it has no field for (dual_bn,
+    frozen_encoder_mode, head_init) the caller applies itself."""
     from advfast.eval.protocols import ProtocolConfig
 
-    values = {"protocol": settings.mode.lower(), "epochs": settings.epochs, "batch_size": settings.batch_size,
-              "lr": settings.lr, "milestones": settings.milestones, "momentum": settings.momentum,
-              "weight_decay": settings.weight_decay, "train_eps": settings.train_eps,
-              "train_alpha": settings.train_alpha, "train_steps": settings.train_steps,
-              "trades_beta": settings.trades_beta, "augment": augment}
-    names = {f.name for f in dataclasses.fields(ProtocolConfig)}
-    return ProtocolConfig(**{k: v for k, v in values.items() if k in names})
+    return ProtocolConfig(protocol=settings.mode.lower(), epochs=settings.epochs, batch_size=settings.batch_size,
+                          lr=settings.lr, milestones=settings.milestones, momentum=settings.momentum,
+                          weight_decay=settings.weight_decay, train_eps=settings.train_eps,
+                          train_alpha=settings.train_alpha, train_steps=settings.train_steps,
+                          trades_beta=settings.trades_beta, augment=augment)
 
 
 def leaderboard_row(clean: float, autoattack: float, corruption: float | None = None) -> dict:
