@@ -59,6 +59,8 @@ class OptimConfig:
     warmup_epochs: float = 10.0
     warmup_start_lr: float = 0.0
     min_lr: float = 0.0
+    step_every: str = "iteration"  # "iteration" | "epoch" (lr constant inside an epoch, as a per-epoch LambdaLR)
+    warmup_point: str = "start"  # "start": warmup unit i at i/warmup of the ramp | "end": (i+1)/warmup (DynACL)
 
 
 @dataclass
@@ -334,6 +336,8 @@ _CHOICES = {
     "attack.norm": ("linf", "l2"),
     "optim.name": ("sgd", "lars"),
     "optim.schedule": ("cosine", "constant"),
+    "optim.step_every": ("iteration", "epoch"),
+    "optim.warmup_point": ("start", "end"),
     "augment_backend": ("auto", "torch", "dali", "torchvision"),
     "precision": ("auto", "fp32", "bf16", "fp16"),
     "channels_last": ("auto", "on", "off"),
@@ -365,6 +369,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     check("optim.momentum", lambda v: 0 <= v < 1, "in [0, 1)")
     check("optim.weight_decay", lambda v: v >= 0, "non-negative")
     check("optim.warmup_epochs", lambda v: v >= 0, "non-negative (a warmup longer than the run is cut to it)")
+    if cfg.optim.step_every == "epoch":
+        check("optim.warmup_epochs", lambda v: v == int(v), "a whole number of epochs with optim.step_every=epoch")
     check("optim.min_lr", lambda v: 0 <= v <= cfg.optim.lr, f"between 0 and optim.lr ({cfg.optim.lr})")
     check("optim.warmup_start_lr", lambda v: 0 <= v <= cfg.optim.lr, f"between 0 and optim.lr ({cfg.optim.lr})")
     check("optim.lars_eta", lambda v: v > 0, "positive")
