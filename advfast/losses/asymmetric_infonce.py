@@ -32,15 +32,23 @@ Two codebases, two loss functions:
   (``pairwise_similarity_train``). Its HN form divides by (p + Ng) row-wise but shares the column-wise
   ``imp.mean(-1)`` (``hn_rowwise=True`` fixes it).
 
-Why not the fused ``advfast.ops.nt_xent``: the tiled kernels compute one scalar loss from per-row
-log-sum-exps with a fixed positive rule and full gradients. IP needs per-pair weights on the positives
-(w·sd, w·(1-sd), w², block by block) and, for the same logit, the gradient through the anchor row only
-in some blocks and through both sides in others; HN needs a second per-row statistic (sum of
-imp·neg) and, as coded, another row's statistics for each element (a second pass). A weighted,
-keys-detached variant of the kernel would serve the plain IP form (value: weighted per-row LSE minus
-weighted positive logits; gradient: two calls, one with detached keys); it does not exist today. The
-matrix is (4B)² (2048² for B = 512: 32 MB in fp32), small next to the ResNet-18 forwards, so the
-plain torch form below is used. Everything computes in float32 at least (float64 stays float64).
+Fused kernels (``backend``): the plain and IP forms (``hard_negatives=False``) are, summed over the
+anchors, a weighted sum of per-row log-sum-exps minus a weighted sum of positive logits (the row max
+cancels): with P = V-1 clean views and w_l = w² (w with fix_aliasing),
+
+    plain:  (w + w_l) sum_adv LSE + (P-1)/P sum_clean LSE - (w + w_l)/P sum a(adv, clean) - 1/P sum a(clean, clean')
+    IP:     (P-1)/P sum_clean LSE - 1/P sum a(clean, clean')
+            + 2w [ sd/P (sum_clean LSE' - sum a'(clean, adv)) + (1-sd) (sum_adv LSE' - 1/P sum a'(adv, clean)) ]
+
+where LSE' and a' are the same values with the keys detached (gradient through the anchor row only).
+The LSEs go through ``advfast.ops.contrastive``'s row log-sum-exp (triton on CUDA, the chunked walk
+for large matrices on CPU): one call with full gradients, and for IP one more with detached keys
+(``need_dk`` false); the positive logits are O(M D) dot products. Nothing (M, M) is materialised.
+The HN form cannot use it: it needs exp-level sums of ``imp * neg`` per row and, as coded, divides
+each element by another row's statistics (two (M, M) broadcasts), so it stays the plain torch form
+(the matrix is (4B)², 2048² at B = 512: 32 MB in fp32, small next to the ResNet-18 forwards).
+``backend="torch"`` (or "auto" resolving to it: CPU, small matrices) materialises the matrix as the
+official code. Everything computes in float32 at least (float64 stays float64).
 """
 
 from __future__ import annotations
@@ -50,7 +58,9 @@ import numbers
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from advfast.ops.contrastive import _pick_backend, _row_lse
 from advfast.ops.dtypes import upcast
 
 
@@ -120,12 +130,14 @@ def asymmetric_supcon(z: torch.Tensor, num_views: int, temperature: float = 0.5,
                       hard_negatives: bool = False, stop_grad: bool = False, stop_grad_degree=0.2,
                       adv_weight: float = 1.0, tau_plus: float = 0.1, beta: float = 1.0,
                       hn_clamp_temperature: float = 0.5, hn_rowwise: bool = False,
-                      fix_aliasing: bool = False) -> torch.Tensor:
+                      fix_aliasing: bool = False, backend: str = "torch") -> torch.Tensor:
     """Asym-AdvCL's SupCon over ``z`` = cat([z_adv, z_clean_1, ...]) (normalised, view-major).
 
     hard_negatives: ``SupConLoss`` (HN) instead of ``ori_SupConLoss``. stop_grad, stop_grad_degree (sd,
     a float or a 0-d tensor such as :class:`AdaptiveStopGradDegree`'s): the IP asymmetry. adv_weight: w.
-    hn_rowwise / fix_aliasing: the corrected forms of the two slips (module docstring).
+    hn_rowwise / fix_aliasing: the corrected forms of the two slips (module docstring). backend: "torch"
+    (the materialised matrix, as coded), "auto", "torch-chunked" or "triton" (the fused row log-sum-exp of
+    advfast.ops, plain and IP forms only; "auto" keeps HN on "torch").
     """
     op = "asymmetric_supcon"
     b = _check_stack(op, z, num_views)
@@ -138,6 +150,15 @@ def asymmetric_supcon(z: torch.Tensor, num_views: int, temperature: float = 0.5,
     if stop_grad:
         _check_degree(op, stop_grad_degree)
     z = _compute(z)
+    if hard_negatives:
+        if backend not in ("torch", "auto"):
+            raise ValueError(f"{op}: hard_negatives needs the materialised matrix (backend 'torch' or 'auto'), "
+                             f"got backend={backend!r}")
+    else:
+        backend = _pick_backend(op, backend, z.device, z.shape[0] * z.shape[0], z.dtype)
+        if backend != "torch":
+            return _fused_supcon(z, num_views, b, temperature, base_temperature, stop_grad, stop_grad_degree,
+                                 adv_weight, fix_aliasing, backend)
     pos, not_self, _ = _masks(b, num_views, z.device)
     pos_f, not_self_f = pos.to(z.dtype), not_self.to(z.dtype)
     hn = (hard_negatives, tau_plus, beta, hn_clamp_temperature, hn_rowwise)
@@ -154,6 +175,31 @@ def asymmetric_supcon(z: torch.Tensor, num_views: int, temperature: float = 0.5,
     s = torch.cat([torch.cat([s[:b, :b], new_upper], dim=1), torch.cat([new_lower, s[b:, b:]], dim=1)], dim=0)
     per_anchor = s.sum(dim=1) / pos_f.sum(dim=1)
     return (temperature / base_temperature) * per_anchor.mean()
+
+
+def _fused_supcon(z, v: int, b: int, temperature: float, base_temperature: float, stop_grad: bool, sd,
+                  w: float, fix_aliasing: bool, backend: str) -> torch.Tensor:
+    """The plain / IP forms from per-row log-sum-exps (module docstring), nothing (M, M) materialised."""
+    scale, p = 1.0 / temperature, v - 1
+    zb = z.view(v, b, -1)
+    adv, clean = zb[0], zb[1:]
+    clean_sum = clean.sum(dim=0)
+    # sum over samples and ordered pairs u != u' of clean logits: |sum_u z_u|² - sum_u |z_u|² per sample
+    cc = ((clean_sum * clean_sum).sum() - (clean * clean).sum()) * scale
+    lse, _ = _row_lse(z, z, scale, True, b, 0, backend)  # self excluded, gradient through both sides
+    total = (p - 1) / p * lse[b:].sum() - cc / p
+    if not stop_grad:
+        w_total = w + (w if fix_aliasing else w * w)
+        a_adv_clean = (adv * clean_sum).sum() * scale
+        total = total + w_total * (lse[:b].sum() - a_adv_clean / p)
+    else:  # the same values with the keys detached: the gradient reaches the anchor row only
+        zd = z.detach().view(v, b, -1)
+        lse_sg, _ = _row_lse(z, z.detach(), scale, True, b, 0, backend)
+        a_clean_adv = (clean * zd[0]).sum() * scale
+        a_adv_clean = (adv * zd[1:].sum(dim=0)).sum() * scale
+        total = total + 2 * w * (sd / p * (lse_sg[b:].sum() - a_clean_adv)
+                                 + (1 - sd) * (lse_sg[:b].sum() - a_adv_clean / p))
+    return (temperature / base_temperature) * total / z.shape[0]
 
 
 def asymmetric_rocl_nt_xent(z: torch.Tensor, num_views: int, temperature: float = 0.5, *,
@@ -208,41 +254,39 @@ def mean_feature_distance(f_clean: torch.Tensor, f_adv: torch.Tensor) -> torch.T
     return F.pairwise_distance(f_clean, f_adv).mean()
 
 
-class AdaptiveStopGradDegree:
+class AdaptiveStopGradDegree(nn.Module):
     """Asym-AdvCL's adaptive stop-grad degree (``pretraining_advCL.py: train``, ``--stop_grad_adaptive``).
 
     During epochs 1..warmup_epochs (1-based; the code's ``epoch + 1 <= 30``) the batch-size-weighted mean
     of the per-batch distance is accumulated and the degree is ``base``; afterwards (avg frozen):
     d > avg -> base; d < d_min -> high; else (avg - d) / (avg - d_min) * (high - base) + base.
-    Everything stays a device tensor (no host sync); ``state_dict`` carries the running mean for resume.
+    Everything stays a device tensor (no host sync). The running sum and count are float64 buffers: as a
+    submodule of a method they are in its checkpoints, so a resume continues the same mean exactly.
     """
 
     def __init__(self, base: float = 0.2, warmup_epochs: int = 30, d_min: float = 0.4, high: float = 0.5):
+        super().__init__()
         _check_degree("AdaptiveStopGradDegree", base)
         _check_degree("AdaptiveStopGradDegree", high)
         if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 0:
             raise ValueError(f"AdaptiveStopGradDegree: warmup_epochs must be an int >= 0, got {warmup_epochs!r}")
         self.base, self.warmup_epochs, self.d_min, self.high = float(base), warmup_epochs, float(d_min), float(high)
-        self.sum = torch.zeros((), dtype=torch.float64)
-        self.count = 0
+        self.register_buffer("sum", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))  # images (exact in float64)
 
-    def __call__(self, distance: torch.Tensor, batch_size: int, epoch: int) -> torch.Tensor:
+    def forward(self, distance: torch.Tensor, batch_size: int, epoch: int) -> torch.Tensor:
         """The degree for this batch (0-d tensor on ``distance``'s device); ``epoch`` is 1-based."""
-        d = distance.detach().to(torch.float64)
-        if self.sum.device != d.device:
-            self.sum = self.sum.to(d.device)
+        d = distance.detach().to(device=self.sum.device, dtype=torch.float64)
         if epoch <= self.warmup_epochs:
-            self.sum = self.sum + d * batch_size
-            self.count += batch_size
+            self.sum.add_(d * batch_size)
+            self.count.add_(batch_size)
             return torch.full((), self.base, dtype=distance.dtype, device=distance.device)
-        avg = self.sum / self.count if self.count else torch.zeros_like(self.sum)  # official avg starts at 0
+        # official avg starts at 0 (no warm-up batch seen): then d > avg, the degree is base
+        avg = torch.where(self.count > 0, self.sum / self.count.clamp_min(1), torch.zeros_like(self.sum))
         ramp = (avg - d) / (avg - self.d_min) * (self.high - self.base) + self.base
         sd = torch.where(d > avg, torch.full_like(d, self.base),
                          torch.where(d < self.d_min, torch.full_like(d, self.high), ramp))
-        return sd.to(distance.dtype)
+        return sd.to(device=distance.device, dtype=distance.dtype)
 
-    def state_dict(self) -> dict:
-        return {"sum": self.sum.cpu(), "count": self.count}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sum, self.count = state["sum"].to(torch.float64), int(state["count"])
+    def extra_repr(self) -> str:
+        return f"base={self.base}, warmup_epochs={self.warmup_epochs}, d_min={self.d_min}, high={self.high}"
