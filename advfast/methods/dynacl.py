@@ -1,0 +1,196 @@
+"""DynACL: Dynamic Adversarial Contrastive Learning (Luo, Wang, Wang, ICLR 2023), variants dynacl and
+dynacl++ (= ``method.post_process=lp-aft``).
+
+Follows PKU-ML/DYNACL @7d143db, ``train_DynACL.py`` (``train``, ``PGD_contrastive``, ``reload``) with
+``models/resnet_multi_bn.py: resnet18_momentum``:
+    ACL-DS (dual BN ["normal", "pgd"], ACL projection head, ImageNet mean/std inside the model) plus
+    an EMA view encoder: view 1 of every image goes through the trained encoder q, view 2 through an
+            EMA copy k (``k = 0.99 k + 0.01 q`` over parameters only, k's BN statistics its own), in the
+            attack (eval mode, "pgd") and in both training forwards (train mode);
+    x_adv = PGD-5 (eps 8/255, alpha 2/255, uniform start) on both views jointly, maximising the NT-Xent
+            of the swapped features on "pgd" in eval mode;
+    loss  = ((2 - w) NT-Xent(clean, "normal") + w NT-Xent(adv, "pgd")) / 2, w = min(1 + (e // K) K/E lambda, 2);
+    views at strength s = 1 - ((e - 1) // K) K / E (crop scale (1 - 0.9 s, 1), jitter 0.4 s ... with
+            p 0.8 s, grayscale p 0.2 s, bilinear crop), set per epoch (advfast.data.strength_schedule);
+    the EMA encoder's "pgd" branch is the deliverable (official validation and ``model_encoder_k.pt``).
+The EMA update runs inside ``training_step`` after the two training forwards, as the official order
+(k takes q's pre-step weights). The swapped features stay on the input's device (the official builds
+them on the CPU and runs every NT-Xent there: a performance bug, not copied). Rows are view-major
+(``cat(q(x1), k(x2))``); NT-Xent does not depend on the layout (see acl.py).
+
+``method.air=true`` (ACL.Options, AIR on DynACL: GodXuxilie/Enhancing_ACL_via_AIR ``pretraining.py
+--ACL_DS --DynAug``) defers to ACL's AIR path with dynamic augmentation: no EMA view, AIR's aligned
+weight and bicubic crop (its own base, not PKU's DynACL).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from advfast.data.strength_schedule import (air_adv_weight, dynacl_clean_adv_factors, dynacl_strength, scaled_step,
+                                            strength_views)
+from advfast.methods import acl as acl_module
+from advfast.methods import register
+from advfast.methods.acl import ACL
+from advfast.methods.momentum import MomentumEncoder
+from advfast.methods.options import option
+from advfast.methods.simclr import acl_code_preset
+
+DIGITS_LEVELS = 5  # strength levels of a digits run (the official 1000-epoch run has 20)
+
+
+@register
+class DynACL(ACL):
+    name = "dynacl"
+    variants = ("dynacl", "dynacl++")
+    default_variant = "dynacl"
+    augment_preset = strength_views(1.0, "bilinear")  # epoch 1's views; on_epoch_start sets each epoch's
+    benchmarked = in_digits_table = True
+    attack_graph_setups = {"dynacl": {}}
+    # method.air=true selects AIR's own DynACL script settings (once ACL has AIR: acl.air_preset)
+    preset_options = {"air": (True,)} if hasattr(acl_module, "air_preset") else {}
+
+    @classmethod
+    def iteration_passes(cls, attack_steps):
+        # attack on 2 views (1 + 1 per step each, half through q, half through k); train: 4 views forward,
+        # full backward only for q's 2 (k takes no gradient); the EMA update is elementwise
+        return 4 * attack_steps + 8
+
+    @dataclasses.dataclass
+    class Options(ACL.Options):
+        step: int = option(50, low=1, rule=">= 1 (K: epochs per strength level; official 50)")
+        swap_param: float = option(2 / 3, low=0, rule=">= 0 (lambda of the loss weight; official 2/3)")
+        ema_view: bool | None = None  # None: on (PKU DynACL), off with method.air=true (AIR's DynACL)
+        ema_momentum: float = option(0.99, low=0, high=1, rule="in [0, 1] (official 0.99)")
+        # "dynacl": w from epoch // K as coded (one epoch ahead of the strength); "aligned": from the strength
+        weight_schedule: str = option("dynacl", choices=("dynacl", "aligned"))
+        post_process: str | None = option(None, choices=("none", "lp-aft"))  # None: the variant's
+
+    def __init__(self, cfg, num_classes: int, mean, std):
+        super().__init__(cfg, num_classes, mean, std)
+        if self.uses_ema:
+            self.ema = MomentumEncoder(self.backbone, self.head, self.options.ema_momentum)
+        self.clean_factor, self.adv_factor = self.loss_factors(1)
+
+    # ---- options --------------------------------------------------------------------------------------
+    @property
+    def air(self) -> bool:
+        return bool(getattr(self.options, "air", False))
+
+    @property
+    def uses_ema(self) -> bool:
+        return not self.air if self.options.ema_view is None else self.options.ema_view
+
+    @property
+    def dual(self) -> bool:
+        return True if self.options.dual_bn is None else self.options.dual_bn
+
+    @property
+    def post_process(self) -> str:
+        if self.options.post_process is not None:
+            return self.options.post_process
+        return "lp-aft" if self.variant == "dynacl++" else "none"
+
+    @classmethod
+    def check_options(cls, options, cfg) -> None:
+        super().check_options(options, cfg)
+        if options.loss_weight_adv != 1.0:
+            raise ValueError("method.loss_weight_adv is ACL's; DynACL weights its losses by its schedule "
+                             "(method.swap_param, method.weight_schedule): drop it")
+        if cfg.variant == "dynacl++" and options.post_process == "none":
+            raise ValueError("variant dynacl++ is method.post_process=lp-aft; drop method.post_process=none "
+                             "or choose variant dynacl")
+        if getattr(options, "air", False) and options.ema_view:
+            raise ValueError("method.ema_view=true is PKU DynACL's; AIR's DynACL (method.air=true) has no EMA "
+                             "view: drop method.ema_view")
+
+    # ---- presets --------------------------------------------------------------------------------------
+    @classmethod
+    def preset(cls, dataset: str, variant: str | None = None) -> dict[str, Any]:
+        """train_DynACL.py: ACL's settings with the cosine stepped once per epoch after a 10-epoch warmup
+        at (epoch_index + 1) / 10 of the peak; digits: ACL's digits preset, K = 2 (5 strength levels)."""
+        cls.resolve_variant(variant)
+        preset = acl_code_preset(dataset)
+        preset["optim"] = dict(preset["optim"], step_every="epoch", warmup_point="end")
+        if dataset == "digits":
+            preset["method_options"] = dict(preset["method_options"],
+                                            step=scaled_step(preset["epochs"], DIGITS_LEVELS))
+        return preset
+
+    @classmethod
+    def preset_for(cls, dataset: str, variant: str | None, options: dict[str, Any]) -> dict[str, Any]:
+        air_preset = getattr(acl_module, "air_preset", None)
+        if air_preset is not None and "air" in options:
+            from advfast.config import coerce
+
+            if coerce(options["air"], bool, "method.air"):
+                cls.resolve_variant(variant)
+                return air_preset(dataset, dyn_aug=True)
+        return cls.preset(dataset, variant)
+
+    # ---- schedules ------------------------------------------------------------------------------------
+    def strength(self, epoch: int) -> float:
+        """Augmentation strength of 1-based ``epoch`` (``reload``'s grid; advfast's resume keeps it)."""
+        return dynacl_strength(epoch, self.cfg.epochs, self.options.step)
+
+    def loss_factors(self, epoch: int) -> tuple[float, float]:
+        """(clean, adversarial) factors of 1-based ``epoch``: ((2 - w) / 2, w / 2)."""
+        if self.options.weight_schedule == "aligned":  # w from the strength in use (AIR/RCS's alignment)
+            w = min(1.0 + air_adv_weight(self.strength(epoch), self.options.swap_param), 2.0)
+            return (2 - w) / 2, w / 2
+        return dynacl_clean_adv_factors(epoch, self.cfg.epochs, self.options.step, self.options.swap_param)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        if self.air:
+            return super().on_epoch_start(epoch)
+        self.augment.set_views(strength_views(self.strength(epoch + 1), "bilinear"))
+        # Python floats: a pure function of the epoch (nothing to checkpoint), outside any attack graph
+        self.clean_factor, self.adv_factor = self.loss_factors(epoch + 1)
+
+    # ---- the recipe -----------------------------------------------------------------------------------
+    def embed_k(self, x: torch.Tensor, branch: str) -> torch.Tensor:
+        """Projection of ``x`` through the EMA encoder and head (no gradient to their weights)."""
+        return self.ema.head(self.ema.encoder(x, branch), branch).float()
+
+    def swap_embed(self, x: torch.Tensor, branch: str) -> torch.Tensor:
+        """resnet18_momentum's swap forward, view-major: view 1 (first half) through q, view 2 through k;
+        each encoder's BN sees its own B images, as officially."""
+        if not self.uses_ema:
+            return self.embed(x, branch)
+        b = x.shape[0] // 2
+        return torch.cat([self.embed(x[:b], branch), self.embed_k(x[b:], branch)])
+
+    def attack_swapped(self, x: torch.Tensor) -> torch.Tensor:
+        """Both views (view-major in ``x``) attacked jointly on the adversarial branch, through q and k."""
+        return self._attack("both", lambda: lambda xa: self.contrastive_loss(self.swap_embed(xa, self.adv_branch)), x)
+
+    def training_step(self, batch):
+        if self.air:
+            return super().training_step(batch)
+        x = torch.cat([batch.views[0], batch.views[1]])
+        x_adv = self.attack_swapped(x)
+        z_adv = self.swap_embed(x_adv, self.adv_branch)
+        z = self.swap_embed(x, "normal")
+        if self.uses_ema:  # official order: after the forwards, before the step (k takes q's pre-step weights)
+            self.ema.update_(self.backbone, self.head)
+        loss_clean = self.contrastive_loss(z)
+        loss_adv = self.contrastive_loss(z_adv)
+        loss = self.clean_factor * loss_clean + self.adv_factor * loss_adv
+        return loss, {"loss_clean": loss_clean.detach(), "loss_adv": loss_adv.detach()}
+
+    # ---- stages and export ----------------------------------------------------------------------------
+    def stages(self):
+        if self.post_process == "lp-aft":  # DynACL++: the pre-training export, then LP-AFT's stages
+            from advfast.methods.lp_post_stage import lp_aft_stages
+
+            return [self.main_stage(export=True)] + lp_aft_stages(self)
+        return super().stages()
+
+    @property
+    def encoder(self):
+        """The EMA encoder with the EMA view (the official validation and ``model_encoder_k.pt``), else
+        the trained one; advfast-eval reads its ``eval_branch`` ("pgd")."""
+        return self.ema.encoder if self.uses_ema else self.backbone
