@@ -248,15 +248,19 @@ def list_methods(file=None) -> None:
         opts = {f.name: f.default for f in dataclasses.fields(cls.Options)}
         if opts:
             print("  options: " + " ".join(f"method.{k}={_fmt(v)}" for k, v in opts.items()), file=file)
+        # the plain presets, then those an option selects (preset_options: AIR's, A-InfoNCE's own settings)
+        # (those for the default variant only: the options that select presets apply to it)
+        selected = [{opt: value} for opt, values in cls.preset_options.items() for value in values]
         for variant in cls.variants or (None,):
-            groups: dict[str, list[str]] = {}
-            for ds in datasets:
-                flat = _flatten(cls.preset(ds, variant))
-                line = " ".join(f"{k}={_fmt(v, k)}" for k, v in flat.items())
-                groups.setdefault(line, []).append(ds)
-            for line, dss in groups.items():
-                tag = f"{variant}, " if variant else ""
-                print(f"  preset [{tag}{', '.join(dss)}]: {line}", file=file)
+            for given in [{}] + (selected if variant == cls.default_variant else []):
+                groups: dict[str, list[str]] = {}
+                for ds in datasets:
+                    flat = _flatten(cls.preset_for(ds, variant, dict(given)))
+                    line = " ".join(f"{k}={_fmt(v, k)}" for k, v in flat.items())
+                    groups.setdefault(line, []).append(ds)
+                for line, dss in groups.items():
+                    tags = ([variant] if variant else []) + [f"method.{k}={_fmt(v)}" for k, v in given.items()]
+                    print(f"  preset [{''.join(t + ', ' for t in tags)}{', '.join(dss)}]: {line}", file=file)
     # out has no default worth showing: every run names its --out
     defaults = _flatten({k: v for k, v in to_dict(TrainConfig()).items()
                          if k not in ("method", "variant", "method_options", "out")})
