@@ -5,8 +5,9 @@ download), evaluate each with SLF and ALF under PGD-20, and print a Markdown tab
 
 Runs the two user commands, advfast-train and advfast-eval, as subprocesses, exactly as a user would,
 on the CPU (--dry-run prints them instead). The rows are the methods that declare
-``in_digits_table = True`` (advfast.methods), in registration order; each uses its digits preset (see
-`advfast-train --list`); the l_inf budget of the evaluation equals the one the adversarial methods
+``in_digits_table = True`` (advfast.methods), in registration order, each followed by the rows it declares
+with options set (``digits_table_rows``, e.g. ``acl-air``: acl with ``--set method.air=true``); each uses
+its digits preset (see `advfast-train --list`); ``--methods`` picks rows. The l_inf budget of the evaluation equals the one the adversarial methods
 trained with (--eps, default 8/255: see README.md).
 """
 
@@ -20,15 +21,29 @@ import sys
 import time
 
 
-def table_methods() -> tuple[str, ...]:
+def table_rows() -> dict[str, tuple[str, tuple[str, ...]]]:
+    """Row name -> (method, extra --set items): each declared method's own row (in_digits_table), then its
+    rows with options (digits_table_rows, e.g. acl with method.air=true), in registration order."""
     from advfast.methods import METHODS
 
-    return tuple(name for name, cls in METHODS.items() if cls.in_digits_table)
+    rows: dict[str, tuple[str, tuple[str, ...]]] = {}
+    for name, cls in METHODS.items():
+        if cls.in_digits_table:
+            rows[name] = (name, ())
+        for row, sets in cls.__dict__.get("digits_table_rows", {}).items():  # declared per class, not inherited
+            rows[row] = (name, tuple(sets))
+    return rows
 
 
-def train_command(method: str, args) -> list[str]:
+def table_methods() -> tuple[str, ...]:
+    return tuple(table_rows())
+
+
+def train_command(row: str, args) -> list[str]:
+    method, sets = table_rows()[row]
+    extra = [item for s in sets for item in ("--set", s)]
     return [sys.executable, "-m", "advfast.train", "--method", method, "--dataset", "digits", "--device", args.device,
-            "--out", os.path.join(args.out, method), "--overwrite", "--set", f"seed={args.seed}", "--no-progress"]
+            "--out", os.path.join(args.out, row), "--overwrite", "--set", f"seed={args.seed}", *extra, "--no-progress"]
 
 
 def eval_command(method: str, protocol: str, args) -> list[str]:
@@ -52,12 +67,17 @@ def run(cmd: list[str], log_path: str) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/digits_table")
-    p.add_argument("--methods", default=",".join(table_methods()))
+    p.add_argument("--methods", default=",".join(table_methods()),
+                   help="comma-separated rows (a method's name, or a row it declares such as acl-air)")
     p.add_argument("--eps", default="8/255", help="l_inf budget of PGD-20 at evaluation (and of ALF training)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = p.parse_args()
+    known = table_rows()
+    unknown = [m for m in args.methods.split(",") if m not in known]
+    if unknown:
+        p.error(f"unknown row {unknown[0]!r}; choose from {', '.join(known)}")
     if args.dry_run:
         for method in args.methods.split(","):
             for cmd in (train_command(method, args), *(eval_command(method, pr, args) for pr in ("slf", "alf"))):
