@@ -250,8 +250,21 @@ def asymmetric_rocl_nt_xent(z: torch.Tensor, num_views: int, temperature: float 
 
 
 def mean_feature_distance(f_clean: torch.Tensor, f_adv: torch.Tensor) -> torch.Tensor:
-    """mean_b ||f_clean - f_adv + 1e-6||₂ (F.pairwise_distance), the adaptive degree's input."""
-    return F.pairwise_distance(f_clean, f_adv).mean()
+    """mean_b ||f_clean - f_adv + 1e-6||₂ (F.pairwise_distance), the adaptive degree's input (half
+    precision features are compared in float32)."""
+    return F.pairwise_distance(upcast(f_clean), upcast(f_adv)).mean()
+
+
+VARIANTS = ("ip", "hn", "iphn")  # --set method.asymmetric=...: IP (stop-grad), HN (hard negatives), both
+
+
+def given_variant(options: dict) -> str | None:
+    """The A-InfoNCE variant among raw method options (as a preset_for receives them), or None when
+    unset or not a variant (the method's option check then names the bad value)."""
+    value = options.get("asymmetric")
+    if isinstance(value, str):
+        value = value.strip().lower()
+    return value if value in VARIANTS else None
 
 
 class AdaptiveStopGradDegree(nn.Module):

@@ -35,6 +35,16 @@ Deviations (all documented in docs/methods.md):
 * ops.random_start clamps the start to [0, 1]; the official start is clamped only after step 1.
 * the lr schedule is the engine's per-iteration cosine (official: per-epoch cosine, per-iteration
   warmup) and the run is 1000 epochs (the official loop runs 1002).
+
+A-InfoNCE (Yu et al., ECCV 2022; yqy2001/A-InfoNCE, Asym-AdvCL): ``method.asymmetric=ip|hn|iphn``
+replaces the SupCon by advfast.losses.asymmetric_infonce.asymmetric_supcon (as coded, with its
+weightings; ``fix_aliasing`` / ``hn_rowwise`` give the corrected forms) and selects the official
+shells' preset (400 epochs, lr 1.0 / 1.2 / 2.0). The attack uses the plain form with w
+(``attack_plain``, the shells' --attack_ori, default for hn/iphn) or the training criterion without
+stop-grad (ip). IP's adaptive degree (``adaptive_warmup_epochs``, the code's --stop_grad_adaptive)
+runs two no-grad forwards of org and x_cl through the "normal" branch after the training forwards,
+in train mode as coded (``asym_distance_eval`` for eval mode); its running mean is a float64
+buffer of the method (resume-exact). See docs/methods_ainfonce.md.
 """
 
 from __future__ import annotations
@@ -48,12 +58,16 @@ from torch import nn
 
 from advfast import pseudo_labels as pl
 from advfast.data import high_frequency
+from advfast.dist import all_reduce_mean, world_size
+from advfast.losses.asymmetric_infonce import (VARIANTS, AdaptiveStopGradDegree, asymmetric_supcon, given_variant,
+                                               mean_feature_distance)
 from advfast.methods import register
 from advfast.methods.base import Method
 from advfast.methods.options import option
 from advfast.models import build_encoder, build_head
 from advfast.models.export import encoder_files
 from advfast.ops.contrastive import nt_xent
+from advfast.ops.dtypes import upcast
 
 BRANCHES = ("normal", "pgd", "pgd_ce")
 MAX_CLUSTERS = 1 << 20  # a K beyond this is a typo (the official largest is 500), not a head to allocate
@@ -74,6 +88,32 @@ def advcl_preset(dataset: str) -> dict[str, Any]:
                 optim=dict(name="sgd", lr=0.5, momentum=0.9, weight_decay=1e-4, schedule="cosine",
                            warmup_epochs=10.0, warmup_start_lr=0.01, min_lr=5e-4),
                 attack=dict(kind="pgd", norm="linf", eps=8 / 255, alpha=2 / 255, steps=5, random_start=True))
+
+
+# Asym-AdvCL/shell/cifar10/advcl-{IP,HN,IPHN}-cifar10.sh: lr and the loss flags per variant (tau_plus:
+# the shell's --tau_plus or the parser default 0.1; attack_plain: --attack_ori)
+ASYM_ADVCL = {
+    "ip": dict(lr=1.0, adv_weight=1.2, tau_plus=0.1, attack_plain=False),
+    "hn": dict(lr=1.2, adv_weight=1.0, tau_plus=0.12, attack_plain=True),
+    "iphn": dict(lr=2.0, adv_weight=0.7, tau_plus=0.1, attack_plain=True),
+}
+
+
+def asym_advcl_preset(dataset: str, variant: str) -> dict[str, Any]:
+    """AdvCL's preset with the A-InfoNCE shell's settings: 400 epochs (the official loop runs 402), its lr
+    with the cosine floor at lr x 1e-3 (the code's eta_min), wd 1e-4 as AdvCL. digits: lr scaled to the
+    batch as AdvCL's (x 128/512), the adaptive degree's averaging window 2 of the 15 epochs (30 of 400)."""
+    preset = advcl_preset(dataset)
+    official = ASYM_ADVCL[variant]
+    lr = official["lr"] * (128 / 512 if dataset == "digits" else 1.0)
+    preset["optim"] = dict(preset["optim"], lr=lr, min_lr=lr * 1e-3)
+    options = {k: official[k] for k in ("adv_weight", "tau_plus", "attack_plain")}
+    if variant != "hn":
+        options["adaptive_warmup_epochs"] = 2 if dataset == "digits" else 30
+    if dataset != "digits":
+        preset["epochs"] = 400
+    preset["method_options"] = dict(preset.get("method_options", {}), asymmetric=variant, **options)
+    return preset
 
 
 def _show(value) -> str:
@@ -109,6 +149,15 @@ class AdvCL(Method):
         "advcl-refresh": {"method_options": {"pseudo_labels_from": "raw_pixels", "cluster_ks": "2,10",
                                              "head_hidden": 16, "refresh_clean_views": True}, "views": 3},
         "advcl-no-ce": {"method_options": {"ce_weight": 0.0, "head_hidden": 16}, "views": 3},
+        # A-InfoNCE: the IP attack (plain form, w² aliasing) with the adaptive degree from the first step; HN's
+        # attack through the HN criterion (no --attack_ori); IPHN as its shell
+        "advcl-asym-ip": {"method_options": {"pseudo_labels_from": "raw_pixels", "cluster_ks": "2,10",
+                                             "head_hidden": 16, "asymmetric": "ip", "adaptive_warmup_epochs": 0},
+                          "views": 3},
+        "advcl-asym-hn": {"method_options": {"ce_weight": 0.0, "head_hidden": 16, "asymmetric": "hn",
+                                             "attack_plain": False}, "views": 3},
+        "advcl-asym-iphn": {"method_options": {"ce_weight": 0.0, "head_hidden": 16, "asymmetric": "iphn"},
+                            "views": 3},
     }
 
     @classmethod
@@ -154,7 +203,21 @@ class AdvCL(Method):
         # head_proj width (None: 512)
         head_hidden: int | None = option(None, low=1, high=1 << 16, rule="a width in [1, 65536] (None: 512)")
         normalize_input: bool = False  # the official model does not normalise its input
-        loss_backend: str = "auto"  # backend of ops.nt_xent
+        loss_backend: str = "auto"  # backend of ops.nt_xent (and of A-InfoNCE's plain / IP forms)
+        # ---- A-InfoNCE (Asym-AdvCL); the None defaults take the variant's official value (ASYM_ADVCL) ----
+        asymmetric: str | None = option(None, choices=VARIANTS, rule="ip, hn or iphn (None: AdvCL's SupCon)")
+        adv_weight: float | None = option(None, low=0, rule=">= 0 (None: the shell's w: ip 1.2, hn 1, iphn 0.7)")
+        stop_grad_degree: float = option(0.2, low=0, high=1, rule="in [0, 1] (the shells' --stpg_degree 0.2)")
+        # epochs averaging the clean-adversarial distance before the degree adapts; None: a fixed degree
+        adaptive_warmup_epochs: int | None = option(30, low=0, rule="an int >= 0 (None: fixed degree)")
+        d_min: float = option(0.4, low=0, rule=">= 0 (--d_min 0.4)")
+        tau_plus: float | None = option(None, low=0, high=0.999, rule="in [0, 1) (None: hn 0.12, iphn 0.1)")
+        beta: float = option(1.0, above=0, rule="> 0 (--beta 1.0)")
+        hn_clamp_temperature: float = option(0.5, above=0, rule="> 0 (the code's hard-coded 0.5)")
+        attack_plain: bool | None = None  # --attack_ori: attack with the plain form (None: true for hn, iphn)
+        hn_rowwise: bool = False  # HCL's row-wise HN divisions (the code divides column j by row j's statistics)
+        fix_aliasing: bool = False  # w, not w², on the clean->adversarial block without stop-grad
+        asym_distance_eval: bool = False  # the adaptive degree's two forwards in eval mode (code: train mode)
 
     def __init__(self, cfg, num_classes: int, mean, std):
         super().__init__(cfg, num_classes, mean, std)
@@ -172,6 +235,18 @@ class AdvCL(Method):
             labels = self._load_pseudo_labels(cfg)
             for k in self.ks:  # persistent: a checkpoint carries them, so a resume sees the same labels
                 self.register_buffer(f"pseudo_{k}", labels[k])
+        self.asym = o.asymmetric
+        self.asym_degree = None
+        self._epoch = 1  # 1-based, set by on_epoch_start (the adaptive degree's warm-up reads it)
+        if self.asym:
+            official = ASYM_ADVCL[self.asym]
+            self.asym_hn, self.asym_ip = "hn" in self.asym, self.asym.startswith("ip")
+            self.adv_weight = official["adv_weight"] if o.adv_weight is None else o.adv_weight
+            self.tau_plus = official["tau_plus"] if o.tau_plus is None else o.tau_plus
+            self.attack_plain = official["attack_plain"] if o.attack_plain is None else o.attack_plain
+            if self.asym_ip and o.adaptive_warmup_epochs is not None:
+                # its running mean is a buffer: in every checkpoint, so a resume adapts exactly as before
+                self.asym_degree = AdaptiveStopGradDegree(o.stop_grad_degree, o.adaptive_warmup_epochs, o.d_min)
 
     # ---- options and pseudo labels ----------------------------------------------------------------
     @classmethod
@@ -179,6 +254,9 @@ class AdvCL(Method):
         """Every option's declared limits, the cluster counts and, with ``files``, the pseudo-label inputs
         (config.validate calls this before the run directory is touched)."""
         super().check_options(o, cfg)
+        if o.asymmetric in ("hn", "iphn") and o.loss_backend not in ("auto", "torch"):
+            raise ValueError(f"method.loss_backend={o.loss_backend!r} cannot compute A-InfoNCE's HN form (it needs the "
+                             "materialised matrix): use auto or torch")
         if not o.ce_weight > 0:
             return
         parse_ks(o.cluster_ks)
@@ -245,13 +323,26 @@ class AdvCL(Method):
         cls.resolve_variant(variant)
         return advcl_preset(dataset)
 
+    preset_options = {"asymmetric": VARIANTS}
+
+    @classmethod
+    def preset_for(cls, dataset: str, variant: str | None, options: dict[str, Any]) -> dict[str, Any]:
+        """``method.asymmetric=ip|hn|iphn`` selects the A-InfoNCE shell's preset (asym_advcl_preset)."""
+        cls.resolve_variant(variant)
+        asym = given_variant(options)
+        return advcl_preset(dataset) if asym is None else asym_advcl_preset(dataset, asym)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        self._epoch = epoch + 1
+
     @property
     def encoder(self):
         return self.backbone
 
     def embed(self, x: torch.Tensor, branch: str) -> torch.Tensor:
-        """L2-normalised head_proj output (fp32 for the loss) through BN branch ``branch``."""
-        return F.normalize(self.head(self.backbone(x, branch), branch).float(), dim=1)
+        """L2-normalised head_proj output through BN branch ``branch`` (half precision up to fp32 for the
+        loss; a float64 model stays float64)."""
+        return F.normalize(upcast(self.head(self.backbone(x, branch), branch)), dim=1)
 
     def hfc_view(self, org: torch.Tensor) -> torch.Tensor:
         radius = self.options.hfc_radius
@@ -259,15 +350,26 @@ class AdvCL(Method):
             radius = 8.0 * org.shape[-2] / 32.0
         return high_frequency(org, radius)
 
-    def contrastive_loss(self, views: list[torch.Tensor]) -> torch.Tensor:
-        """SupConLoss(labels=None) of the stacked normalised views, with its T/base_T scale."""
+    def contrastive_loss(self, views: list[torch.Tensor], attack: bool = False, degree=None) -> torch.Tensor:
+        """SupConLoss(labels=None) of the stacked normalised views [x_cl, x1, x2, x_hfc], with its T/base_T
+        scale; with ``asymmetric`` A-InfoNCE's loss (the attack's criterion when ``attack``: no stop-grad, HN
+        unless attack_plain), ``degree`` the stop-grad degree (None: ``stop_grad_degree``)."""
+        o = self.options
+        if self.asym:
+            return asymmetric_supcon(
+                torch.cat(views), len(views), self.temperature, o.base_temperature,
+                hard_negatives=self.asym_hn and not (attack and self.attack_plain),
+                stop_grad=self.asym_ip and not attack,
+                stop_grad_degree=o.stop_grad_degree if degree is None else degree, adv_weight=self.adv_weight,
+                tau_plus=self.tau_plus, beta=o.beta, hn_clamp_temperature=o.hn_clamp_temperature,
+                hn_rowwise=o.hn_rowwise, fix_aliasing=o.fix_aliasing, backend=o.loss_backend)
         loss = nt_xent(torch.cat(views), len(views), temperature=self.temperature, positives="mean_log_prob",
                        normalize=False, backend=self.options.loss_backend)
         return loss * (self.temperature / self.options.base_temperature)
 
     def cluster_ce(self, h: torch.Tensor, targets: dict[int, torch.Tensor], reduction: str) -> torch.Tensor:
         """Mean over the K heads of the CE of ``h`` (pooled features) against each K's labels."""
-        losses = [F.cross_entropy(self.cluster_heads[f"fc_{k:03d}"](h).float(), targets[k], reduction=reduction)
+        losses = [F.cross_entropy(upcast(self.cluster_heads[f"fc_{k:03d}"](h)), targets[k], reduction=reduction)
                   for k in self.ks]
         return torch.stack(losses).mean()
 
@@ -296,7 +398,7 @@ class AdvCL(Method):
                 def loss_fn(x):
                     z_cl = self.embed(x[:b], "pgd")
                     rest = clean_views(*ctx_views) if refresh else list(ctx_views)
-                    loss = self.contrastive_loss([z_cl] + rest)
+                    loss = self.contrastive_loss([z_cl] + rest, attack=True)
                     if use_ce:  # official: summed CE per head, summed over heads / number of heads
                         loss = loss + self.options.ce_weight * self.cluster_ce(self.backbone(x[b:], "pgd_ce"),
                                                                                ctx_targets, "sum")
@@ -308,6 +410,14 @@ class AdvCL(Method):
         x_adv = x_adv.detach()
         return (x_adv[:b], x_adv[b:]) if use_ce else (x_adv, None)
 
+    def adaptive_degree(self, org: torch.Tensor, x_cl: torch.Tensor) -> torch.Tensor:
+        """A-InfoNCE's per-iteration stop-grad degree from mean_b ||f(org) - f(x_cl)|| of the pooled "normal"
+        features, two no-grad forwards in train mode as coded (their BN statistics update). Under torchrun the
+        distance is averaged over the ranks: the official mean over the whole batch (equal shards)."""
+        with torch.no_grad(), self.attack_mode(train=not self.options.asym_distance_eval):
+            d = mean_feature_distance(self.backbone(org, "normal"), self.backbone(x_cl, "normal"))
+        return self.asym_degree(all_reduce_mean(d), org.shape[0] * world_size(), self._epoch)
+
     # ---- the recipe ------------------------------------------------------------------------------
     def training_step(self, batch):
         x1, x2, org = batch.views[0], batch.views[1], batch.views[2]
@@ -316,8 +426,11 @@ class AdvCL(Method):
         x_cl, x_ce = self.attack(x1, x2, x_hfc, org, targets)
         z_cl = self.embed(x_cl, "pgd")
         z1, z2, zh = self.embed(x1, "normal"), self.embed(x2, "normal"), self.embed(x_hfc, "normal")
-        loss_cl = self.contrastive_loss([z_cl, z1, z2, zh])
+        degree = self.adaptive_degree(org, x_cl) if self.asym_degree is not None else None
+        loss_cl = self.contrastive_loss([z_cl, z1, z2, zh], degree=degree)
         metrics = {"loss_supcon": loss_cl.detach()}
+        if degree is not None:
+            metrics["stop_grad_degree"] = degree.detach()
         loss = loss_cl
         if self.ks:
             loss_ce = self.cluster_ce(self.backbone(x_ce, "pgd_ce"), targets, "mean")

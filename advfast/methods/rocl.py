@@ -23,6 +23,16 @@ Two GPUs of 256 (official): the 'Rep' loss all_gathers the three views of the wh
 but the attack and the regulariser see only their GPU's 256 images; ``method.local_batch=256`` (the
 preset) reproduces that grouping, and BN runs over the whole batch (SyncBN in the official run).
 
+Temperatures: the official attack and regulariser call pairwise_similarity with a literal 0.5
+(src/attack_lib.py); only the 'Rep' loss reads --temperature. advfast does the same (identical at the
+default 0.5); ``method.uniform_temperature=true`` uses cfg.temperature in all three.
+
+A-InfoNCE (Yu et al., ECCV 2022; yqy2001/A-InfoNCE, Asym-RoCL): ``method.asymmetric=ip|hn|iphn`` makes
+the 'Rep' loss advfast.losses.asymmetric_infonce.asymmetric_rocl_nt_xent (IP: the clean anchors'
+adversarial positives weigh w*sd, the adversarial anchor's clean ones w*(1-sd); HN: HCL's reweighting),
+and selects the official shells' lr (0.1 / 0.2 / 0.3, x15 at the warm-up's end as RoCL). The attack and
+the regulariser stay the plain NT-Xent at 0.5, as coded. No adaptive degree (Asym-RoCL has none).
+
 Deviations: LARS comes from advfast.optim (official: torchlars), and the warmup/cosine schedule is
 per iteration (official: per epoch). See docs/methods.md.
 """
@@ -34,12 +44,20 @@ from typing import Any
 
 import torch
 
+from advfast.losses.asymmetric_infonce import VARIANTS, asymmetric_rocl_nt_xent, given_variant
 from advfast.losses.rocl import rocl_nt_xent
 from advfast.methods import register
 from advfast.methods.base import Method
 from advfast.methods.options import option
 from advfast.models import build_encoder, build_head
 from advfast.ops.contrastive import nt_xent
+from advfast.ops.dtypes import upcast
+
+# the temperature Kim-Minseon/RoCL's attack and regulariser hard-code (src/attack_lib.py)
+CODED_PAIR_TEMPERATURE = 0.5
+# Asym-RoCL/shell/rocl-{IP,HN,IPHN}.sh: --lr (RoCL's 0.1 for IP), --tau 0.12 with --HN
+ASYM_ROCL_LR = {"ip": 0.1, "hn": 0.2, "iphn": 0.3}
+ASYM_ROCL_TAU = 0.12
 
 
 def rocl_preset(dataset: str) -> dict[str, Any]:
@@ -61,6 +79,16 @@ def rocl_preset(dataset: str) -> dict[str, Any]:
                 method_options=dict(local_batch=256))
 
 
+def asym_rocl_preset(dataset: str, variant: str) -> dict[str, Any]:
+    """RoCL's preset with the Asym-RoCL shell's lr: LARS lr x 15 at the warm-up's end from lr, as RoCL's
+    GradualWarmup (digits: scaled to the batch as RoCL's, x 128/512)."""
+    preset = rocl_preset(dataset)
+    lr = ASYM_ROCL_LR[variant] * (128 / 512 if dataset == "digits" else 1.0)
+    preset["optim"] = dict(preset["optim"], lr=15 * lr, warmup_start_lr=lr)
+    preset["method_options"] = dict(preset.get("method_options", {}), asymmetric=variant)
+    return preset
+
+
 @register
 class RoCL(Method):
     name = "rocl"
@@ -68,7 +96,7 @@ class RoCL(Method):
     default_variant = None
     augment_preset = "rocl"
     benchmarked = in_digits_table = True
-    attack_graph_setups = {"rocl": {}}
+    attack_graph_setups = {"rocl": {}, "rocl-asym-iphn": {"method_options": {"asymmetric": "iphn"}}}
 
     @classmethod
     def iteration_passes(cls, attack_steps):
@@ -86,6 +114,16 @@ class RoCL(Method):
         # images per GPU of the official run: its attack and 1/lamda regulariser see only their GPU's
         # images as negatives (no all_gather), while the 'Rep' loss gathers the whole batch. None: one group.
         local_batch: int | None = option(None, low=1, rule="a positive int or None")
+        # the configured temperature also in the attack and the regulariser (official: a literal 0.5 there)
+        uniform_temperature: bool = False
+        # ---- A-InfoNCE (Asym-RoCL) on the 'Rep' loss ----
+        asymmetric: str | None = option(None, choices=VARIANTS, rule="ip, hn or iphn (None: RoCL's NT-Xent)")
+        adv_weight: float = option(1.0, low=0, rule=">= 0 (w; the shells keep 1)")
+        stop_grad_degree: float = option(0.2, low=0, high=1, rule="in [0, 1] (the shells' --stpg_degree 0.2)")
+        tau_plus: float = option(ASYM_ROCL_TAU, low=0, high=0.999, rule="in [0, 1) (the shells' --tau 0.12)")
+        beta: float = option(1.0, above=0, rule="> 0 (--beta 1.0)")
+        hn_clamp_temperature: float = option(0.5, above=0, rule="> 0 (the code's hard-coded 0.5)")
+        hn_rowwise: bool = False  # HCL's row-wise imp.mean (the code divides column j by row j's mean)
 
     def __init__(self, cfg, num_classes: int, mean, std):
         super().__init__(cfg, num_classes, mean, std)
@@ -100,25 +138,61 @@ class RoCL(Method):
         cls.resolve_variant(variant)
         return rocl_preset(dataset)
 
+    preset_options = {"asymmetric": VARIANTS}
+
+    @classmethod
+    def preset_for(cls, dataset: str, variant: str | None, options: dict[str, Any]) -> dict[str, Any]:
+        """``method.asymmetric=ip|hn|iphn`` selects the Asym-RoCL shell's lr (asym_rocl_preset)."""
+        cls.resolve_variant(variant)
+        asym = given_variant(options)
+        return rocl_preset(dataset) if asym is None else asym_rocl_preset(dataset, asym)
+
+    @classmethod
+    def check_options(cls, o, cfg) -> None:
+        super().check_options(o, cfg)
+        if o.asymmetric is not None and o.loss_form != "official":
+            raise ValueError("method.asymmetric builds on RoCL's official loss: it cannot be combined with "
+                             "method.loss_form=paper")
+
     @property
     def encoder(self):
         return self.backbone
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Projector output (not normalised; the loss normalises), fp32 for the loss."""
-        return self.head(self.backbone(x)).float()
+        """Projector output (not normalised; the loss normalises); half precision up to fp32 for the loss,
+        a float64 model stays float64."""
+        return upcast(self.head(self.backbone(x)))
 
-    def contrastive_loss(self, z: torch.Tensor, num_views: int) -> torch.Tensor:
+    def contrastive_loss(self, z: torch.Tensor, num_views: int, temperature: float | None = None) -> torch.Tensor:
+        """The NT-Xent of ``num_views`` stacked blocks at ``temperature`` (None: cfg.temperature)."""
+        t = self.temperature if temperature is None else temperature
         if self.options.loss_form == "official":
-            return rocl_nt_xent(z, num_views, self.temperature)
-        return nt_xent(z, num_views, temperature=self.temperature, positives="sum_in_numerator",
+            return rocl_nt_xent(z, num_views, t)
+        return nt_xent(z, num_views, temperature=t, positives="sum_in_numerator",
                        normalize=True, backend=self.options.loss_backend)
+
+    def rep_loss(self, z: torch.Tensor) -> torch.Tensor:
+        """The 'Rep' loss over [t1, t2, x_adv] at cfg.temperature (A-InfoNCE's with ``asymmetric``)."""
+        o = self.options
+        if o.asymmetric is None:
+            return self.contrastive_loss(z, 3)
+        return asymmetric_rocl_nt_xent(
+            z, 3, self.temperature, hard_negatives="hn" in o.asymmetric, stop_grad=o.asymmetric.startswith("ip"),
+            stop_grad_degree=o.stop_grad_degree, adv_weight=o.adv_weight, tau=o.tau_plus, beta=o.beta,
+            hn_clamp_temperature=o.hn_clamp_temperature, hn_rowwise=o.hn_rowwise)
+
+    @property
+    def pair_temperature(self) -> float:
+        """The attack's and the regulariser's temperature: the code's literal 0.5 unless uniform_temperature."""
+        return self.temperature if self.options.uniform_temperature else CODED_PAIR_TEMPERATURE
 
     def pair_loss(self, z_a: torch.Tensor, z_b: torch.Tensor) -> torch.Tensor:
         """NT-Xent 'None' of cat(z_a, z_b) within each group of ``local_batch`` images (one GPU's
         share in the official run), averaged over the groups as DDP averages their gradients."""
         g = self.options.local_batch or z_a.shape[0]
-        losses = [self.contrastive_loss(torch.cat([z_a[s:s + g], z_b[s:s + g]]), 2) for s in range(0, z_a.shape[0], g)]
+        t = self.pair_temperature
+        losses = [self.contrastive_loss(torch.cat([z_a[s:s + g], z_b[s:s + g]]), 2, t)
+                  for s in range(0, z_a.shape[0], g)]
         return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
 
     def attack(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
@@ -138,6 +212,6 @@ class RoCL(Method):
         x_adv = self.attack(x1, x2)
         z_reg = self.embed(torch.cat([x_adv, x2]))  # one BN batch, as SyncBN over the GPUs
         loss_reg = self.pair_loss(z_reg[:x1.shape[0]], z_reg[x1.shape[0]:])
-        loss_rep = self.contrastive_loss(self.embed(torch.cat([x1, x2, x_adv])), 3)
+        loss_rep = self.rep_loss(self.embed(torch.cat([x1, x2, x_adv])))
         loss = loss_rep + loss_reg / self.options.lamda
         return loss, {"loss_rep": loss_rep.detach(), "loss_adv_reg": loss_reg.detach()}

@@ -17,6 +17,7 @@ import torch
 
 from advfast.dist import gather_views
 from advfast.ops.contrastive import nt_xent
+from advfast.ops.dtypes import upcast
 from advfast.methods import register
 from advfast.methods.base import Method
 from advfast.methods.options import option
@@ -99,8 +100,9 @@ class SimCLR(Method):
         return self.backbone
 
     def embed(self, x: torch.Tensor, branch: str = "normal") -> torch.Tensor:
-        """Projection-head output of images ``x`` through BN branch ``branch`` (fp32 for the loss)."""
-        return self.head(self.backbone(x, branch), branch).float()
+        """Projection-head output of images ``x`` through BN branch ``branch`` (half precision up to fp32 for
+        the loss; a float64 model stays float64)."""
+        return upcast(self.head(self.backbone(x, branch), branch))
 
     def contrastive_loss(self, z: torch.Tensor) -> torch.Tensor:
         """NT-Xent of the 2B rows of ``z``, view-major (rows i and i+B are one image's two views).
