@@ -95,8 +95,9 @@ def _batch(b=12, size=8):
 @pytest.mark.parametrize("local_batch", [None, 4])
 def test_training_step_is_the_official_recipe(local_batch):
     m, _ = _method(local_batch=local_batch)
-    m.train()
+    m.double().train()  # a float64 model stays float64 through embed: the check reaches float64 precision
     batch = _batch()
+    batch.views[:] = [v.double() for v in batch.views]
     x1, x2 = batch.views[0], batch.views[1]
     x_adv = (x1 + 0.02 * torch.randn_like(x1).sign()).clamp(0, 1)
     m.attack = lambda a, b: x_adv  # fix the attack: this test is about the loss
@@ -109,8 +110,8 @@ def test_training_step_is_the_official_recipe(local_batch):
     reg = [official_nt_xent(official_pairwise_similarity(torch.cat([z_reg[s:s + g], z_reg[12 + s:12 + s + g]]), 0.5),
                             "None") for s in range(0, 12, g)]
     expected = (official_nt_xent(official_pairwise_similarity(z_rep, 0.5), "Rep") + sum(reg) / len(reg) / 256)
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert metrics["loss_adv_reg"].item() == pytest.approx((sum(reg) / len(reg)).item(), rel=1e-5)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    assert metrics["loss_adv_reg"].item() == pytest.approx((sum(reg) / len(reg)).item(), rel=1e-12)
 
 
 def test_attack_raises_its_loss_in_eval_mode_and_stays_in_the_ball():
