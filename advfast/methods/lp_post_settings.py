@@ -15,7 +15,16 @@ They differ in K, the k-means tolerance, the TRADES start and what the result is
   ``trades_random_start`` = 0.001 (AIR's Gaussian start) is the well-defined alternative.
 * LP-AFF (GodXuxilie/Enhancing_ACL_via_AIR ``LP-AFF.py``, DynACL-AIR++): K = number of classes,
   tol 1e-5; dual-BN model kept, ``trades_loss_dual(natural_mode='pgd')`` with a 0.001 * randn start.
+  AIR's ``finetuning_utils.trades_loss_dual`` computes the attack's KL target through the 'normal'
+  branch whatever ``natural_mode`` says (``model(x_natural, 'normal')``; PKU-ML/DYNACL's own
+  trades_loss_dual uses ``natural_mode`` there): ``attack_target_branch='normal'``, as coded. The loss
+  itself uses 'pgd' for both logits.
   (The script itself crashes after clustering on an unbound ``name``; the settings are what it means.)
+
+Both scripts give the probe head as many outputs as the dataset has classes
+(``nn.Linear(512, num_classes)``), whatever K is (LP-AFT on CIFAR-100: 100 outputs, labels 0-9), zero
+initialised; advfast keeps that (``max(num_classes, K)`` outputs, so a dataset with fewer classes than K
+still fits the labels).
 
 The k-means tolerances are kmeans_pytorch's (absolute, on (sum_k ||c_k - c_k'||)^2); advfast's k-means
 (advfast.pseudo_labels.kmeans) uses scikit-learn's relative tolerance and k-means++ init, so
@@ -25,7 +34,7 @@ mapping used.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -64,8 +73,9 @@ class PseudoAFTStep:
     step_size: float = 2 / 255
     epsilon: float = 8 / 255
     trades_random_start: float = 0.0  # std of the Gaussian start; 0: x itself
-    natural_branch: str = "pgd"  # branch of the clean logits (KL target and CE)
+    natural_branch: str = "pgd"  # branch of the clean logits of the loss (CE and the KL target)
     adv_branch: str = "pgd"
+    attack_target_branch: str = "pgd"  # branch of the attack's KL target p(x) (AIR's trades_loss_dual: 'normal')
     dual_bn: bool = False  # False: the 'pgd' route as a single-BN network
 
 
@@ -89,7 +99,7 @@ LP_AFF = PostProcessing(
     name="lp-aff", official="GodXuxilie/Enhancing_ACL_via_AIR LP-AFF.py (DynACL-AIR++)",
     labels=PseudoLabelStep(num_clusters=None, official_tol=1e-5),
     probe=ProbeStep(),
-    aft=PseudoAFTStep(trades_random_start=0.001, dual_bn=True),
+    aft=PseudoAFTStep(trades_random_start=0.001, attack_target_branch="normal", dual_bn=True),
 )
 
 POST_PROCESSING = {p.name: p for p in (LP_AFT, LP_AFF)}
@@ -100,3 +110,30 @@ def num_clusters(post: PostProcessing, num_classes: int) -> int:
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     return post.labels.num_clusters if post.labels.num_clusters is not None else num_classes
+
+
+# digits: a 10-epoch pre-training, where CIFAR's 10 probe + 25 AFT epochs would be 3.5x the run itself.
+# Every epoch count of the stages is divided by DIGITS_EPOCH_DIVISOR (probe 2, AFT 5 with the lr steps
+# after epochs 2 and 4: the same shape, lr 0.1 / 0.01 / 0.001 for 2 / 2 / 1 epochs).
+DIGITS_EPOCH_DIVISOR = 5
+
+
+def for_dataset(post: PostProcessing, dataset: str) -> PostProcessing:
+    """``post`` with its epoch counts for ``dataset``: as coded, or scaled down for digits."""
+    if dataset != "digits":
+        return post
+    d = DIGITS_EPOCH_DIVISOR
+    probe = replace(post.probe, epochs=max(1, post.probe.epochs // d))
+    aft = replace(post.aft, epochs=max(1, post.aft.epochs // d),
+                  milestones=tuple(sorted({max(1, m // d) for m in post.aft.milestones})))
+    return replace(post, probe=probe, aft=aft)
+
+
+def lr_segments(aft: PseudoAFTStep) -> list[tuple[int, float]]:
+    """(epochs, lr) of each constant-lr piece of the AFT's MultiStepLR(milestones, gamma 0.1), stepped
+    per epoch: [(10, 0.1), (10, 0.01), (5, 0.001)] as coded."""
+    bounds = [m for m in aft.milestones if 0 < m < aft.epochs]
+    if list(bounds) != sorted(set(bounds)):
+        raise ValueError(f"milestones must increase strictly, got {aft.milestones}")
+    edges = [0, *bounds, aft.epochs]
+    return [(edges[i + 1] - edges[i], aft.lr * 0.1 ** i) for i in range(len(edges) - 1)]

@@ -41,8 +41,10 @@ def within_cluster_ss(features: torch.Tensor, labels: torch.Tensor, k: int) -> f
 
 
 def cluster_pseudo_labels(features: torch.Tensor, k: int, *, seed: int = 0, tol: float = DEFAULT_TOL,
-                          max_iter: int = 300) -> PseudoLabels:
-    """Pseudo labels of ``features`` (N, D) (used as given: the official step does not normalise)."""
-    result = kmeans(features, k, seed=seed, tol=tol, max_iter=max_iter)
+                          max_iter: int = 300, init: torch.Tensor | None = None) -> PseudoLabels:
+    """Pseudo labels of ``features`` (N, D) (used as given: the official step does not normalise).
+    ``init``: initial centres (k, D) instead of the seeded k-means++ ones (to start where another
+    k-means code starts, e.g. a transcription of kmeans_pytorch in the tests)."""
+    result = kmeans(features, k, seed=seed, tol=tol, max_iter=max_iter, init=init)
     return PseudoLabels(labels=result.labels, objective=within_cluster_ss(features, result.labels, k),
                         iterations=result.iterations)

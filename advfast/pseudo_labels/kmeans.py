@@ -62,8 +62,10 @@ def _kmeans_pp(x, k, x_sq, gen, chunk):
 
 
 def kmeans(x: torch.Tensor, k: int, *, seed: int = 0, max_iter: int = 300, tol: float = 1e-4,
-           chunk: int = 16384) -> KMeansResult:
-    """Lloyd's k-means on x's device, k-means++ init from ``seed``.
+           chunk: int = 16384, init: torch.Tensor | None = None) -> KMeansResult:
+    """Lloyd's k-means on x's device, k-means++ init from ``seed``, or from the given initial centres
+    ``init`` (k, D) (then ``seed`` is unused): e.g. another k-means code's starting point, to compare
+    the two from the same start.
 
     Deterministic for a given seed and device: centre sums are one-hot matmuls (no atomics), and
     empty clusters are re-seeded with the points farthest from their centres (as scikit-learn).
@@ -74,10 +76,18 @@ def kmeans(x: torch.Tensor, k: int, *, seed: int = 0, max_iter: int = 300, tol: 
     n = x.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, N={n}], got {k}")
-    gen = torch.Generator().manual_seed(int(seed))
+    if init is not None:
+        if not isinstance(init, torch.Tensor) or tuple(init.shape) != (k, x.shape[1]) or not init.is_floating_point():
+            raise ValueError(f"init must be a floating (k, D) = ({k}, {x.shape[1]}) tensor of initial centres, got "
+                             f"{getattr(init, 'dtype', type(init).__name__)} {tuple(getattr(init, 'shape', ()))}")
+        if not torch.isfinite(init).all():
+            raise ValueError("init holds NaN or infinite values")
     x_sq = (x * x).sum(1)
     tol_abs = tol * x.var(0).mean().item()
-    centers = _kmeans_pp(x, k, x_sq, gen, chunk)
+    if init is None:
+        centers = _kmeans_pp(x, k, x_sq, torch.Generator().manual_seed(int(seed)), chunk)
+    else:
+        centers = init.detach().to(device=x.device, dtype=x.dtype).clone()
     it = 0
     for it in range(1, max_iter + 1):
         labels, dist = _assign(x, centers, x_sq, chunk)
