@@ -82,12 +82,16 @@ def load_encoder_inputs(method_cls, options, cfg) -> dict[str, tuple[nn.Module, 
                                  f"--set method.{spec.option}=RUN_DIR (an advfast-train run directory)")
             continue
         where = f"method.{spec.option}={path}"
-        if not Path(path).is_dir():
-            raise ValueError(f"{where}: no such directory; give an advfast-train run directory")
-        try:
-            encoder, meta = load_encoder(path)
-        except (FileNotFoundError, ValueError) as e:
-            raise ValueError(f"{where}: {str(e).splitlines()[0]}") from None
+        if Path(path).is_file():  # a checkpoint published by an official code base (solo-learn's SimCLR, ...)
+            encoder, meta = load_published_input(path, where)
+        elif not Path(path).is_dir():
+            raise ValueError(f"{where}: no such directory or file; give an advfast-train run directory or a "
+                             f"published checkpoint file")
+        else:
+            try:
+                encoder, meta = load_encoder(path)
+            except (FileNotFoundError, ValueError) as e:
+                raise ValueError(f"{where}: {str(e).splitlines()[0]}") from None
         if spec.same_arch and meta.get("arch") != cfg.arch:
             raise ValueError(f"{where}: its encoder is a {meta.get('arch')}, this run trains a {cfg.arch}; give a "
                              f"{cfg.arch} run or --arch {meta.get('arch')}")
@@ -96,6 +100,44 @@ def load_encoder_inputs(method_cls, options, cfg) -> dict[str, tuple[nn.Module, 
                              f"{cfg.image_size}px")
         loaded[spec.option] = (freeze(encoder), meta)
     return loaded
+
+
+def load_published_input(path, where: str) -> tuple[nn.Module, dict]:
+    """A published checkpoint file as an encoder input, through advfast.interop (read without running code
+    from it): its format is recognised from the state dict's layout (advfast.interop.describe_layout), the
+    image size is the published files' 32 px. The record is the file's path and SHA-256."""
+    from advfast.interop import InteropError, load_published
+    from advfast.interop.formats import describe_layout
+    from advfast.interop.safe_unpickle import load_checkpoint
+    from advfast.io import file_sha256
+
+    try:
+        payload = load_checkpoint(Path(path))
+        fmt = describe_layout(_state_keys(payload))
+        if fmt is None:
+            raise InteropError("its layout is none of the published formats advfast imports (advfast-eval --from "
+                               "lists them)")
+        fmt = fmt.split(" ")[0]  # "advcl (or a-infonce)": the same layout
+        encoder, meta = load_published(path, fmt)
+    except (InteropError, OSError, ValueError) as e:
+        raise ValueError(f"{where}: {str(e).splitlines()[0]}") from None
+    meta = dict(meta, run_dir=str(Path(path).resolve()), sha256=file_sha256(Path(path)))
+    return encoder, meta
+
+
+def _state_keys(payload) -> list[str]:
+    """The tensor keys of a checkpoint payload or of the first state dict nested in it (Lightning: state_dict)."""
+    if not isinstance(payload, dict):
+        return []
+    keys = [str(k) for k, v in payload.items() if hasattr(v, "shape")]
+    if keys:
+        return keys
+    for value in payload.values():
+        if isinstance(value, dict):
+            found = _state_keys(value)
+            if found:
+                return found
+    return []
 
 
 def freeze(module: nn.Module) -> nn.Module:
