@@ -17,6 +17,6 @@ def register(cls: type[Method]) -> type[Method]:
 
 
 # in the order the benchmark and digits tables list them (registration order): clean, then adversarial
-from advfast.methods import simclr, moco, acl, amoc, moco_adv, advcl, rocl, dynacl  # noqa: E402,F401,I001  (registration)
+from advfast.methods import simclr, moco, acl, amoc, moco_adv, advcl, rocl, dynacl, deacl  # noqa: E402,F401,I001  (registration)
 
 __all__ = ["METHODS", "Method", "register"]
