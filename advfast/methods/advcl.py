@@ -143,6 +143,7 @@ class AdvCL(Method):
     default_variant = None
     augment_preset = "advcl"
     benchmarked = in_digits_table = True
+    digits_table_rows = {"advcl-iphn": ("method.asymmetric=iphn",)}  # A-InfoNCE (IPHN shell) on AdvCL
     attack_graph_setups = {
         "advcl": {"method_options": {"pseudo_labels_from": "raw_pixels", "cluster_ks": "2,10", "head_hidden": 16},
                   "views": 3},
