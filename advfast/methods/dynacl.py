@@ -32,12 +32,12 @@ import torch
 
 from advfast.data.strength_schedule import (air_adv_weight, dynacl_clean_adv_factors, dynacl_strength, scaled_step,
                                             strength_views)
-from advfast.methods import acl as acl_module
 from advfast.methods import register
 from advfast.methods.acl import ACL
 from advfast.methods.momentum import MomentumEncoder
 from advfast.methods.options import option
 from advfast.methods.simclr import acl_code_preset
+from advfast.ops.dtypes import upcast
 
 DIGITS_LEVELS = 5  # strength levels of a digits run (the official 1000-epoch run has 20)
 
@@ -49,9 +49,10 @@ class DynACL(ACL):
     default_variant = "dynacl"
     augment_preset = strength_views(1.0, "bilinear")  # epoch 1's views; on_epoch_start sets each epoch's
     benchmarked = in_digits_table = True
-    attack_graph_setups = {"dynacl": {}}
-    # method.air=true selects AIR's own DynACL script settings (once ACL has AIR: acl.air_preset)
-    preset_options = {"air": (True,)} if hasattr(acl_module, "air_preset") else {}
+    attack_graph_setups = {"dynacl": {}}  # method.air=true attacks exactly as acl-air (ACL's attack_both)
+    # method.air=true: AIR's --DynAug (ACL.preset_for gives air_preset(dataset, dyn_aug=True), ACL's AIR path
+    # anneals the strength and w per epoch)
+    dyn_aug = True
 
     @classmethod
     def iteration_passes(cls, attack_steps):
@@ -67,7 +68,7 @@ class DynACL(ACL):
         ema_momentum: float = option(0.99, low=0, high=1, rule="in [0, 1] (official 0.99)")
         # "dynacl": w from epoch // K as coded (one epoch ahead of the strength); "aligned": from the strength
         weight_schedule: str = option("dynacl", choices=("dynacl", "aligned"))
-        post_process: str | None = option(None, choices=("none", "lp-aft"))  # None: the variant's
+        post_process: str = option("none", choices=("none", "lp-aft"))  # lp-aft: DynACL++ (variant dynacl++)
 
     def __init__(self, cfg, num_classes: int, mean, std):
         super().__init__(cfg, num_classes, mean, std)
@@ -78,7 +79,7 @@ class DynACL(ACL):
     # ---- options --------------------------------------------------------------------------------------
     @property
     def air(self) -> bool:
-        return bool(getattr(self.options, "air", False))
+        return bool(getattr(self.options, "air", False))  # ACL.Options.air (AIR on ACL and DynACL)
 
     @property
     def uses_ema(self) -> bool:
@@ -90,9 +91,7 @@ class DynACL(ACL):
 
     @property
     def post_process(self) -> str:
-        if self.options.post_process is not None:
-            return self.options.post_process
-        return "lp-aft" if self.variant == "dynacl++" else "none"
+        return "lp-aft" if self.variant == "dynacl++" else self.options.post_process
 
     @classmethod
     def check_options(cls, options, cfg) -> None:
@@ -100,9 +99,6 @@ class DynACL(ACL):
         if options.loss_weight_adv != 1.0:
             raise ValueError("method.loss_weight_adv is ACL's; DynACL weights its losses by its schedule "
                              "(method.swap_param, method.weight_schedule): drop it")
-        if cfg.variant == "dynacl++" and options.post_process == "none":
-            raise ValueError("variant dynacl++ is method.post_process=lp-aft; drop method.post_process=none "
-                             "or choose variant dynacl")
         if getattr(options, "air", False) and options.ema_view:
             raise ValueError("method.ema_view=true is PKU DynACL's; AIR's DynACL (method.air=true) has no EMA "
                              "view: drop method.ema_view")
@@ -120,17 +116,6 @@ class DynACL(ACL):
                                             step=scaled_step(preset["epochs"], DIGITS_LEVELS))
         return preset
 
-    @classmethod
-    def preset_for(cls, dataset: str, variant: str | None, options: dict[str, Any]) -> dict[str, Any]:
-        air_preset = getattr(acl_module, "air_preset", None)
-        if air_preset is not None and "air" in options:
-            from advfast.config import coerce
-
-            if coerce(options["air"], bool, "method.air"):
-                cls.resolve_variant(variant)
-                return air_preset(dataset, dyn_aug=True)
-        return cls.preset(dataset, variant)
-
     # ---- schedules ------------------------------------------------------------------------------------
     def strength(self, epoch: int) -> float:
         """Augmentation strength of 1-based ``epoch`` (``reload``'s grid; advfast's resume keeps it)."""
@@ -144,16 +129,16 @@ class DynACL(ACL):
         return dynacl_clean_adv_factors(epoch, self.cfg.epochs, self.options.step, self.options.swap_param)
 
     def on_epoch_start(self, epoch: int) -> None:
-        if self.air:
-            return super().on_epoch_start(epoch)
+        if self.air:  # AIR's strength, views (bicubic, 3 views) and w, with --DynAug
+            return self._air_epoch_start(epoch, dyn_aug=True)
         self.augment.set_views(strength_views(self.strength(epoch + 1), "bilinear"))
         # Python floats: a pure function of the epoch (nothing to checkpoint), outside any attack graph
         self.clean_factor, self.adv_factor = self.loss_factors(epoch + 1)
 
     # ---- the recipe -----------------------------------------------------------------------------------
     def embed_k(self, x: torch.Tensor, branch: str) -> torch.Tensor:
-        """Projection of ``x`` through the EMA encoder and head (no gradient to their weights)."""
-        return self.ema.head(self.ema.encoder(x, branch), branch).float()
+        """Projection of ``x`` through the EMA encoder and head (no gradient to their weights), as ``embed``."""
+        return upcast(self.ema.head(self.ema.encoder(x, branch), branch))
 
     def swap_embed(self, x: torch.Tensor, branch: str) -> torch.Tensor:
         """resnet18_momentum's swap forward, view-major: view 1 (first half) through q, view 2 through k;
@@ -168,8 +153,8 @@ class DynACL(ACL):
         return self._attack("both", lambda: lambda xa: self.contrastive_loss(self.swap_embed(xa, self.adv_branch)), x)
 
     def training_step(self, batch):
-        if self.air:
-            return super().training_step(batch)
+        if self.air:  # AIR's own DynACL base: ACL-DS forwards + SIR/AIR, no EMA view
+            return self._air_training_step(batch)
         x = torch.cat([batch.views[0], batch.views[1]])
         x_adv = self.attack_swapped(x)
         z_adv = self.swap_embed(x_adv, self.adv_branch)
