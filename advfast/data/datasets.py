@@ -15,6 +15,9 @@ an explicit ``download=True`` (which hands over to torchvision's downloader).
   imagefolder        root/<split>/<class>/*.png|jpg|... when root/<split> exists, else root/<class>/...;
                      every image must share one size unless ``size`` is given (then resized to it)
 
+``write_official_format(name, root)`` writes seeded random cifar10 / cifar100 / stl10 files in the official
+layout, and ``write_corruptions(dir, names)`` a CIFAR-10-C style folder, for runs without the real data.
+
 ``root`` defaults to $ADVFAST_DATA, else ./data.
 """
 
@@ -333,6 +336,101 @@ def _load_imagefolder(root: str, split: str, size=None) -> ImageDataset:
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     mean, std = channel_stats(images)
     return ImageDataset(images, torch.tensor(labels, dtype=torch.int64), mean, std, len(classes), "imagefolder")
+
+
+def resized(dataset: ImageDataset, size: int) -> ImageDataset:
+    """``dataset`` with every image resized to size x size: bilinear with antialiasing (what
+    torchvision's ``transforms.Resize(size)`` does to a PIL image, e.g. STL-10's 96 px -> 32 px in the
+    RobustSSL benchmark's transfer rows), rounded back to uint8. Unchanged when already that size."""
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"resized: size must be a positive int, got {size!r}")
+    if tuple(dataset.images.shape[-2:]) == (size, size):
+        return dataset
+    parts = []
+    for chunk in dataset.images.split(1024):
+        x = torch.nn.functional.interpolate(chunk.float(), size=(size, size), mode="bilinear", align_corners=False,
+                                            antialias=True)
+        parts.append(x.round_().clamp_(0, 255).to(torch.uint8))
+    return replace(dataset, images=torch.cat(parts).contiguous())
+
+
+# --- synthetic files in the official on-disk formats ------------------------------------------------
+
+def write_official_format(name: str, root, n_train: int = 64, n_test: int = 32, seed: int = 0) -> str:
+    """Write seeded random images in ``name``'s official on-disk layout under ``root`` (what torchvision's
+    downloader unpacks), so code that reads the real dataset runs on a machine without it (CI, tests).
+    cifar10: cifar-10-batches-py/data_batch_1..5 (the train images split over the five), test_batch,
+    batches.meta; cifar100: cifar-100-python/train, test, meta (fine and coarse labels); stl10:
+    stl10_binary/{train,test}_{X,y}.bin (column-major 3x96x96 uint8, labels 1..10). Returns the folder."""
+    for arg, v in (("n_train", n_train), ("n_test", n_test)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"write_official_format: {arg} must be a positive int, got {v!r}")
+    rng = np.random.default_rng(seed)
+    root = os.fspath(root)
+    if name == "stl10":
+        base = os.path.join(root, "stl10_binary")
+        os.makedirs(base, exist_ok=True)
+        for split, n in (("train", n_train), ("test", n_test)):
+            images = rng.integers(0, 256, (n, 3, 96, 96), dtype=np.uint8)
+            images.transpose(0, 1, 3, 2).tofile(os.path.join(base, f"{split}_X.bin"))  # column-major per channel
+            rng.integers(1, 11, n, dtype=np.uint8).tofile(os.path.join(base, f"{split}_y.bin"))
+        return base
+    if name not in ("cifar10", "cifar100"):
+        raise ValueError(f"write_official_format: {name!r} has no official file format here; "
+                         "choose cifar10, cifar100 or stl10")
+    num_classes = 10 if name == "cifar10" else 100
+    base = os.path.join(root, "cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+    os.makedirs(base, exist_ok=True)
+
+    def batch(n: int, label: str) -> dict:
+        # plain lists of int labels and a uint8 (N, 3072) array, as the pickled originals hold
+        entry = {"batch_label": label, "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 "filenames": [f"synthetic_{i:05d}.png" for i in range(n)]}
+        labels = [int(v) for v in rng.integers(0, num_classes, n)]
+        if name == "cifar10":
+            entry["labels"] = labels
+        else:
+            entry["fine_labels"], entry["coarse_labels"] = labels, [v // 5 for v in labels]
+        return entry
+
+    def dump(fname: str, obj) -> None:
+        with open(os.path.join(base, fname), "wb") as fh:
+            pickle.dump(obj, fh, protocol=2)
+
+    if name == "cifar10":
+        if n_train < 5:
+            raise ValueError(f"write_official_format: CIFAR-10's training set is five batch files; n_train must be "
+                             f">= 5, got {n_train}")
+        sizes = [n_train // 5 + (i < n_train % 5) for i in range(5)]
+        for i, n in enumerate(sizes, 1):
+            dump(f"data_batch_{i}", batch(n, f"training batch {i} of 5"))
+        dump("test_batch", batch(n_test, "testing batch 1 of 1"))
+        dump("batches.meta", {"label_names": [f"class{i}" for i in range(10)], "num_cases_per_batch": sizes[0],
+                              "num_vis": 3072})
+    else:
+        dump("train", batch(n_train, "training batch 1 of 1"))
+        dump("test", batch(n_test, "testing batch 1 of 1"))
+        dump("meta", {"fine_label_names": [f"class{i}" for i in range(100)],
+                      "coarse_label_names": [f"superclass{i}" for i in range(20)]})
+    return base
+
+
+def write_corruptions(directory, names, n_per_severity: int = 8, image_size: int = 32, num_classes: int = 10,
+                      seed: int = 0) -> str:
+    """Write a CIFAR-10-C / CIFAR-100-C style folder of seeded random images: labels.npy and one
+    <corruption>.npy per name, each (5 * n_per_severity, H, W, 3) uint8 ordered by severity 1..5 (the
+    layout of the released archives, which advfast.eval.robustness.corruption_accuracy reads)."""
+    if not isinstance(n_per_severity, int) or n_per_severity < 1:
+        raise ValueError(f"write_corruptions: n_per_severity must be a positive int, got {n_per_severity!r}")
+    rng = np.random.default_rng(seed)
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    labels = np.tile(rng.integers(0, num_classes, n_per_severity), 5).astype(np.int64)
+    np.save(os.path.join(directory, "labels.npy"), labels)
+    for corruption in names:
+        np.save(os.path.join(directory, f"{corruption}.npy"),
+                rng.integers(0, 256, (5 * n_per_severity, image_size, image_size, 3), dtype=np.uint8))
+    return directory
 
 
 DATASETS = ("cifar10", "cifar100", "stl10", "digits", "synthetic", "imagefolder")

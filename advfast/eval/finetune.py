@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from advfast import ops
 from advfast.attacks import pgd
 from advfast.attacks.trades import trades_examples
 from advfast.eval.protocols import ProtocolConfig
@@ -20,10 +21,13 @@ class Classifier(nn.Module):
     its BatchNorm statistics never move: it stays in eval mode whatever ``.train()`` says."""
 
     def __init__(self, encoder: nn.Module, num_classes: int, branch: str = "normal", frozen: bool = True,
-                 zero_init_head: bool = True):
+                 zero_init_head: bool = True, natural_branch: str | None = None):
         super().__init__()
         self.encoder = encoder
         self.branch = branch
+        # dual-BN AFF (the RobustSSL benchmark's trades_loss_dual): clean inputs go through this branch
+        # during fine-tuning; ``branch`` is the one attacked, trained on adversarial inputs and scored
+        self.natural_branch = natural_branch
         self.frozen = frozen
         self.head = nn.Linear(encoder.feat_dim, num_classes)
         if zero_init_head:  # as ACL's and AMOC's finetuning scripts
@@ -44,6 +48,10 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
+
+    def logits(self, x: torch.Tensor, branch: str) -> torch.Tensor:
+        """The head on the features of BN branch ``branch``."""
+        return self.head(self.encoder(x, branch))
 
     def trainable_parameters(self):
         return list(self.head.parameters()) if self.frozen else list(self.parameters())
@@ -66,6 +74,28 @@ def ce_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, al
         model.train(was_training)
 
 
+def trades_examples_dual(model: Classifier, x: torch.Tensor, eps: float, alpha: float, steps: int,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
+    """The inner maximisation of the RobustSSL benchmark's trades_loss_dual (utils.py): start at
+    x + 0.001 N(0, 1), ascend KL(p_pgd(x') || p_normal(x)) (summed) in eval mode, where p_pgd runs BN branch
+    ``model.branch`` and p_normal ``model.natural_branch``."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():  # eval mode: the code's per-step recomputation gives the same target
+            p_nat = F.softmax(model.logits(x, model.natural_branch), dim=1)
+        noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+        x_adv = (x + 0.001 * noise).detach()
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            kl = F.kl_div(F.log_softmax(model.logits(x_adv, model.branch), dim=1), p_nat, reduction="sum")
+            (grad,) = torch.autograd.grad(kl, x_adv)
+            x_adv = ops.pgd_step_(x_adv.detach(), x, grad, eps, alpha)
+        return x_adv.detach()
+    finally:
+        model.train(was_training)
+
+
 def _lr_at(cfg: ProtocolConfig, epoch: int) -> float:
     return cfg.lr * (0.1 ** sum(epoch >= m for m in cfg.milestones))
 
@@ -74,6 +104,9 @@ def finetune(model: Classifier, loader, cfg: ProtocolConfig, progress=None,
              generator: torch.Generator | None = None) -> FinetuneLog:
     """Train ``model`` with the protocol in ``cfg``; ``loader`` yields batches with ``views[0]``
     (images in [0, 1]) and ``labels``. Returns per-epoch mean loss and training accuracy."""
+    if cfg.dual_bn and (cfg.protocol != "aff" or not model.natural_branch):
+        raise ValueError("dual-BN fine-tuning is AFF with a classifier that has a natural branch "
+                         "(Classifier(..., natural_branch='normal'))")
     params = model.trainable_parameters()
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                           nesterov=cfg.nesterov)
@@ -91,7 +124,11 @@ def finetune(model: Classifier, loader, cfg: ProtocolConfig, progress=None,
             x, y = batch.views[0], batch.labels
             if cfg.protocol == "alf":
                 x = ce_attack(model, x, y, cfg.train_eps, cfg.train_alpha, cfg.train_steps, generator=generator)
-            if cfg.protocol == "aff":
+            if cfg.protocol == "aff" and cfg.dual_bn:
+                x_adv = trades_examples_dual(model, x, cfg.train_eps, cfg.train_alpha, cfg.train_steps, generator)
+                logits = model.logits(x, model.natural_branch)
+                loss = trades_loss(logits, model.logits(x_adv, model.branch), y, cfg.trades_beta)
+            elif cfg.protocol == "aff":
                 x_adv = trades_examples(model, x, cfg.train_eps, cfg.train_alpha, cfg.train_steps, generator)
                 logits = model(x)
                 loss = trades_loss(logits, model(x_adv), y, cfg.trades_beta)

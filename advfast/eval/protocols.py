@@ -37,6 +37,9 @@ class ProtocolConfig:
     train_steps: int = 10
     trades_beta: float = 6.0
     augment: str = "finetune"
+    # AFF only: the RobustSSL benchmark's trades_loss_dual (--dualBN 1): the natural term through BN branch
+    # 'normal', the attack and the adversarial term through the evaluated branch ('pgd')
+    dual_bn: bool = False
 
     @property
     def frozen_encoder(self) -> bool:

@@ -28,6 +28,19 @@ def markdown_table(result: dict) -> str:
         for name, acc in corr.items():
             if name != "mean" and "/" not in name:
                 lines.append(f"| corruption {name} | {100 * acc:.2f} |")
+    board = result.get("leaderboard")
+    if board:  # --protocol-set robustssl: the row as the RobustSSL leaderboard shows it
+        row = board["row"]
+        cells = " | ".join("–" if row[k] is None else f"{row[k]:.2f}" for k in ("ra1", "sa1", "ca1"))
+        lines += ["", f"RobustSSL leaderboard table `{board['table']}`:", "", "| ra1 (AA) | sa1 (clean) | ca1 (CIFAR-C) |",
+                  "| ---: | ---: | ---: |", f"| {cells} |", ""]
+        lines.append("comparable with the leaderboard" if board["comparable"] else
+                     "not comparable with the leaderboard: " + "; ".join(board["differences"]))
+    if result.get("autoattack"):
+        aa = result["autoattack"]
+        lines += ["", f"AutoAttack: {aa['package']} {aa['version']} (version='{aa['version_setting']}')"]
+    if result.get("command"):
+        lines += ["", f"command: `{result['command']}`"]
     return "\n".join(lines) + "\n"
 
 

@@ -134,23 +134,51 @@ def l1_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, al
     return (x + delta).detach()
 
 
-def autoattack_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, num_classes: int,
-                        seed: int = 0) -> torch.Tensor:
-    """AutoAttack 'standard' (APGD-CE, APGD-T, FAB-T, Square) at l_inf eps: the reference `autoattack`
-    package when installed, else torchattacks' port."""
-    model.eval()
+def _package_version(module, distribution: str) -> str:
+    version = getattr(module, "__version__", None)
+    if version:
+        return str(version)
     try:
-        from autoattack import AutoAttack as ReferenceAutoAttack
+        from importlib.metadata import PackageNotFoundError, version as dist_version
+
+        return dist_version(distribution)
+    except (ImportError, PackageNotFoundError):
+        return "unknown"
+
+
+def autoattack_backend() -> dict:
+    """Which AutoAttack implementation autoattack_examples runs: the reference `autoattack` package
+    (fra31/auto-attack, what the RobustSSL benchmark runs) when importable, else torchattacks' port;
+    {"package", "version", "version_setting": "standard"}. Raises RuntimeError when neither is installed."""
+    try:
+        import autoattack
     except ImportError:
-        ReferenceAutoAttack = None
-    if ReferenceAutoAttack is not None:
-        adversary = ReferenceAutoAttack(model, norm="Linf", eps=eps, version="standard", verbose=False, seed=seed)
-        return adversary.run_standard_evaluation(x, y, bs=x.shape[0])
+        autoattack = None
+    if autoattack is not None:
+        return {"package": "autoattack", "version": _package_version(autoattack, "autoattack"),
+                "version_setting": "standard"}
     try:
         import torchattacks
     except ImportError:
         raise RuntimeError("the autoattack attack needs torchattacks or the reference autoattack package: "
                            "pip install 'advfast[eval]'  (or: pip install --no-deps torchattacks)") from None
+    return {"package": "torchattacks", "version": _package_version(torchattacks, "torchattacks"),
+            "version_setting": "standard"}
+
+
+def autoattack_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, num_classes: int,
+                        seed: int = 0, batch_size: int | None = None) -> torch.Tensor:
+    """AutoAttack 'standard' (APGD-CE, APGD-T, FAB-T, Square) at l_inf eps: the reference `autoattack`
+    package when installed, else torchattacks' port (see autoattack_backend). ``batch_size`` is the
+    reference package's ``bs`` (default: all of x at once)."""
+    model.eval()
+    if autoattack_backend()["package"] == "autoattack":
+        from autoattack import AutoAttack as ReferenceAutoAttack
+
+        adversary = ReferenceAutoAttack(model, norm="Linf", eps=eps, version="standard", verbose=False, seed=seed)
+        return adversary.run_standard_evaluation(x, y, bs=batch_size or x.shape[0])
+    import torchattacks
+
     attack = torchattacks.AutoAttack(model, norm="Linf", eps=eps, version="standard", n_classes=num_classes,
                                      seed=seed)
     return attack(x, y)
@@ -169,7 +197,7 @@ def robust_accuracy(model: nn.Module, images, labels, spec: AttackSpec, batch_si
         elif spec.norm == "l1":
             x_adv = l1_attack(model, x, y, spec.eps, spec.alpha, spec.steps, generator=generator)
         else:
-            x_adv = autoattack_examples(model, x, y, spec.eps, num_classes, seed)
+            x_adv = autoattack_examples(model, x, y, spec.eps, num_classes, seed, batch_size)
         correct += _correct(model, x_adv, y)
         if progress is not None:
             progress(y.numel())
@@ -177,10 +205,13 @@ def robust_accuracy(model: nn.Module, images, labels, spec: AttackSpec, batch_si
 
 
 def corruption_accuracy(model: nn.Module, directory: str, n_per_severity: int | None = None,
-                        batch_size: int = 256) -> dict[str, float]:
+                        batch_size: int = 256, corruptions: tuple[str, ...] | None = None) -> dict[str, float]:
     """Accuracy on CIFAR-10-C style data: ``directory`` holds labels.npy and one <corruption>.npy per
-    corruption, each (5 * n, H, W, C) uint8 ordered by severity 1..5. Returns per-corruption and
-    per-severity accuracies and their mean under "mean"."""
+    corruption, each (5 * n, H, W, C) uint8 ordered by severity 1..5. Returns per-corruption
+    ("<name>/<severity>", and "<name>" over severities) and per-severity ("severity/<s>", over corruptions)
+    accuracies and their mean under "mean" (equal counts: the mean over corruptions then severities, as
+    the RobustSSL benchmark's eval_test_OOD, equals the mean over severities then corruptions).
+    ``corruptions`` names the files to use (all must exist); default: every .npy in the folder."""
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"corruption directory {directory} does not exist (expected CIFAR-10-C: "
                                 "labels.npy and one <corruption>.npy per corruption)")
@@ -189,6 +220,12 @@ def corruption_accuracy(model: nn.Module, directory: str, n_per_severity: int | 
         raise FileNotFoundError(f"{labels_path} is missing (CIFAR-10-C ships labels.npy beside the corruptions)")
     labels = np.load(labels_path, allow_pickle=False)
     names = sorted(f[:-4] for f in os.listdir(directory) if f.endswith(".npy") and f != "labels.npy")
+    if corruptions is not None:
+        missing = [c for c in corruptions if c not in names]
+        if missing:
+            raise FileNotFoundError(f"{directory} lacks {len(missing)} of the {len(corruptions)} corruptions "
+                                    f"evaluated ({', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''})")
+        names = list(corruptions)
     if not names:
         raise FileNotFoundError(f"no <corruption>.npy files in {directory}")
     per_severity = labels.shape[0] // 5
@@ -210,6 +247,8 @@ def corruption_accuracy(model: nn.Module, directory: str, n_per_severity: int | 
             results[f"{name}/{severity + 1}"] = acc
             accs.append(acc)
         results[name] = float(np.mean(accs))
+    for severity in range(1, 6):
+        results[f"severity/{severity}"] = float(np.mean([results[f"{n}/{severity}"] for n in names]))
     results["mean"] = float(np.mean([results[n] for n in names]))
     return results
 

@@ -197,15 +197,15 @@ def finetune_settings(pretraining: str | None = None, downstream: str = "cifar10
 
 
 def to_protocol_config(settings: FinetuneSettings, augment: str = "finetune"):
-    """The advfast.eval.protocols.ProtocolConfig running ``settings``; what it has no field for (dual_bn,
-    frozen_encoder_mode, head_init) the caller applies itself."""
+    """The advfast.eval.protocols.ProtocolConfig running ``settings`` (dual_bn included). frozen_encoder_mode
+    and head_init are advfast's Classifier defaults (frozen encoder in eval mode, zero-initialised head)."""
     from advfast.eval.protocols import ProtocolConfig
 
     return ProtocolConfig(protocol=settings.mode.lower(), epochs=settings.epochs, batch_size=settings.batch_size,
                           lr=settings.lr, milestones=settings.milestones, momentum=settings.momentum,
                           weight_decay=settings.weight_decay, train_eps=settings.train_eps,
                           train_alpha=settings.train_alpha, train_steps=settings.train_steps,
-                          trades_beta=settings.trades_beta, augment=augment)
+                          trades_beta=settings.trades_beta, augment=augment, dual_bn=settings.dual_bn)
 
 
 def leaderboard_row(clean: float, autoattack: float, corruption: float | None = None) -> dict:

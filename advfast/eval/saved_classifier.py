@@ -3,7 +3,8 @@
 Files in the evaluation's output directory:
   classifier.safetensors   SLF/ALF: the linear head (the encoder stayed frozen, so the pre-trained
                            encoder's own weights complete it); AFF: every weight of encoder + head
-  classifier.json          what it is (kind, protocol, classes, BN branch, the pre-trained checkpoint)
+  classifier.json          what it is (kind, protocol, classes, BN branch, the pre-trained checkpoint
+                           and its format: "advfast" or the published format it was imported with)
                            and the SHA-256 of classifier.safetensors
 
 ``advfast.eval.load_classifier(out_dir)`` rebuilds the exact model (eval mode, CPU); it needs the
@@ -24,8 +25,11 @@ WEIGHTS, META = "classifier.safetensors", "classifier.json"
 
 
 def save_classifier(model, out_dir: str, *, checkpoint: str, bn_branch: str, protocol: str,
-                    num_classes: int) -> dict[str, str]:
-    """Write classifier.safetensors and classifier.json into out_dir; returns their paths."""
+                    num_classes: int, checkpoint_format: str = "advfast", pretrain_dataset: str | None = None,
+                    keep_branches: bool = False) -> dict[str, str]:
+    """Write classifier.safetensors and classifier.json into out_dir; returns their paths.
+    ``checkpoint_format`` is how ``checkpoint`` is read back ("advfast" or an advfast.interop format,
+    with ``pretrain_dataset``); ``keep_branches``: the encoder holds every BN branch of the file (dual-BN AFF)."""
     from safetensors.torch import save
 
     linear_head = bool(model.frozen)
@@ -36,7 +40,10 @@ def save_classifier(model, out_dir: str, *, checkpoint: str, bn_branch: str, pro
     atomic_write_bytes(weights, save(state))
     record = {"format": FORMAT, "kind": "linear_head" if linear_head else "full_model", "protocol": protocol,
               "num_classes": int(num_classes), "branch": model.branch, "bn_branch": bn_branch,
-              "checkpoint": os.path.abspath(checkpoint), "tensors": WEIGHTS, "sha256": file_sha256(weights)}
+              "checkpoint": os.path.abspath(checkpoint), "checkpoint_format": checkpoint_format,
+              "pretrain_dataset": pretrain_dataset, "keep_branches": bool(keep_branches),
+              "natural_branch": getattr(model, "natural_branch", None),
+              "tensors": WEIGHTS, "sha256": file_sha256(weights)}
     atomic_write_json_obj(meta, record)
     return {"weights": weights, "meta": meta}
 
@@ -80,9 +87,13 @@ def load_classifier(out_dir, checkpoint: str | None = None):
         state = load(data)
     except (SafetensorError, ValueError) as exc:
         raise ValueError(f"{weights} is not a readable safetensors file ({exc})") from None
-    encoder, _ = load_pretrained(checkpoint or meta["checkpoint"], meta["bn_branch"])
+    # records written before the format was recorded are advfast checkpoints
+    fmt = meta.get("checkpoint_format", "advfast")
+    encoder, _ = load_pretrained(checkpoint or meta["checkpoint"], meta["bn_branch"], fmt=fmt,
+                                 dataset=meta.get("pretrain_dataset"), keep_branches=bool(meta.get("keep_branches")))
     linear_head = meta["kind"] == "linear_head"
-    model = Classifier(encoder, meta["num_classes"], branch=meta["branch"], frozen=linear_head)
+    model = Classifier(encoder, meta["num_classes"], branch=meta["branch"], frozen=linear_head,
+                       natural_branch=meta.get("natural_branch"))
     try:
         (model.head if linear_head else model).load_state_dict(state, strict=True)
     except RuntimeError as exc:

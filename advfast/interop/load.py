@@ -90,6 +90,17 @@ def _find_state_dict(payload, spec: PublishedFormat, path: Path) -> dict:
             payload = payload[key]
             break
     else:
+        # a state dict under another format's key (RoCL's 'model' read as ACL) is named, with the format it
+        # looks like; a payload's loose tensors (an RNG state) are not an encoder
+        nested = {str(k): v for k, v in payload.items()
+                  if isinstance(v, Mapping) and any(isinstance(t, torch.Tensor) for t in v.values())}
+        has_encoder = any(str(k).endswith("conv1.weight") for k in payload)
+        if nested and not has_encoder:
+            key, inner = next(iter(nested.items()))
+            looks = describe_layout(str(k) for k in inner)
+            hint = f"; it looks like --from {looks}" if looks and not looks.startswith(spec.name) else ""
+            raise InteropError(f"{path} is not a {spec.name} checkpoint: no state dict under "
+                               f"{' / '.join(repr(k) for k in spec.containers)}, one under {key!r}{hint}")
         if not any(isinstance(v, torch.Tensor) for v in payload.values()):
             raise InteropError(f"{path} is not a {spec.name} checkpoint: no state dict under "
                                f"{' / '.join(repr(k) for k in spec.containers)} (top-level keys: "
