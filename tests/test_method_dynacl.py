@@ -102,13 +102,12 @@ def test_lr_is_stepped_once_per_epoch_as_the_official_lambda_lr(dataset):
         assert (cfg.epochs, cfg.batch_size, o.lr, o.weight_decay, o.warmup_epochs) == (1000, 512, 5.0, 1e-6, 10.0)
         assert (cfg.attack.steps, cfg.attack.eps, cfg.attack.alpha, cfg.temperature) == (5, 8 / 255, 2 / 255, 0.5)
     spe, epochs, warmup = (1 if dataset == "cifar10" else 3), cfg.epochs, int(o.warmup_epochs)
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=o.lr)  # the schedule alone (LARS is slow)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=o.lr)  # the schedule alone
     sched = build_scheduler(opt, o, steps_per_epoch=spe, epochs=epochs)
     lrs = []
-    for _ in range(spe * epochs):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    for i in range(spe * epochs):  # the lr of iteration i (the engine steps it: see the engine test's rows)
+        sched.last_epoch = i
+        lrs.append(sched.get_lr()[0])
     per_epoch = lrs[::spe]
     assert all(lrs[i] == lrs[i - i % spe] for i in range(len(lrs)))  # constant inside an epoch
     official = [o.lr * _official_cosine_annealing(e, epochs, 1, 1e-6 / o.lr, warmup_steps=warmup) for e in range(epochs)]
@@ -199,7 +198,6 @@ def test_ema_view_off_is_plain_acl_ds_forwards_and_options_are_checked():
         cfg = build_config("dynacl", None, "digits", [dict(out="/tmp/unused", method_options=options)])
         with pytest.raises(ValueError, match=match):
             validate(cfg)
-    assert make().post_process == "none" and make(post_process="lp-aft").post_process == "lp-aft"
 
 
 def test_air_defers_to_acls_air_path_with_dynamic_augmentation():
@@ -210,6 +208,11 @@ def test_air_defers_to_acls_air_path_with_dynamic_augmentation():
     cfg.method_options["head_hidden"] = 16
     m = DynACL(cfg, 10, (0.5,), (0.25,))
     assert not hasattr(m, "ema") and m.encoder is m.backbone  # AIR's DynACL has no EMA view
+    assert m.post_process == "none" and make().post_process == "none"
+    assert make(post_process="lp-aft").post_process == "lp-aft"
+    cfg.variant = "dynacl++"  # DynACL-AIR++: AIR's post-processing, LP-AFF
+    assert DynACL(cfg, 10, (0.5,), (0.25,)).post_process == "lp-aff"
+    cfg.variant = None
     m.augment = build_augment(DynACL.augment_for(None, cfg.method_options), backend="torch", size=8)
     m.on_epoch_start(2)  # epoch 3 of 10 at K = 2: strength 0.8, AIR's bicubic views and aligned w
     assert m.augment.views[:2] == strength_views(0.8, "bicubic") and m.air_weight == pytest.approx(2 / 3 * 0.2)
@@ -252,6 +255,18 @@ def test_engine_trains_exports_the_ema_encoder_and_resumes(tmp_path):
     assert sa.keys() == sb.keys() and any(k.startswith("ema.") for k in sa)
     for key in sa:
         assert torch.equal(sa[key], sb[key]), key
+
+
+def test_dynacl_plus_plus_runs_lp_aft_after_the_exported_pretraining(tmp_path):
+    cfg = build_config("dynacl", "dynacl++", "digits", [dict(RUN, out=str(tmp_path), epochs=1, max_steps=3,
+                                                             method_options=dict(head_hidden=16, step=1))])
+    trainer = Trainer(cfg)
+    assert [s.name for s in trainer.plan.stages] == ["pretrain", "lp-aft-probe", "lp-aft-ft1", "lp-aft-ft2", "lp-aft"]
+    trainer.fit()  # pre-training (2 steps), then the first probe step (pseudo labels from the EMA encoder)
+    m = trainer.method
+    assert trainer.stage.name == "lp-aft-probe" and m.lp_labels.ready
+    exported = load_file(tmp_path / "stages" / "pretrain" / "encoder.safetensors")
+    assert exported.keys() == single_branch_state_dict(m.ema.encoder, "pgd").keys()
 
 
 def test_cli_trains_and_advfast_eval_reads_the_export(tmp_path):

@@ -68,13 +68,18 @@ class DynACL(ACL):
         ema_momentum: float = option(0.99, low=0, high=1, rule="in [0, 1] (official 0.99)")
         # "dynacl": w from epoch // K as coded (one epoch ahead of the strength); "aligned": from the strength
         weight_schedule: str = option("dynacl", choices=("dynacl", "aligned"))
-        post_process: str = option("none", choices=("none", "lp-aft"))  # lp-aft: DynACL++ (variant dynacl++)
+        # lp-aft: DynACL++ (LPAFT.py); lp-aff: DynACL-AIR++ (LP-AFF.py); variant dynacl++ picks the base's
+        post_process: str = option("none", choices=("none", "lp-aft", "lp-aff"))
 
     def __init__(self, cfg, num_classes: int, mean, std):
         super().__init__(cfg, num_classes, mean, std)
         if self.uses_ema:
             self.ema = MomentumEncoder(self.backbone, self.head, self.options.ema_momentum)
         self.clean_factor, self.adv_factor = self.loss_factors(1)
+        if self.post_process != "none":  # last: the probe head and pseudo-label buffer the stages fill
+            from advfast.methods.lp_post_stage import add_lp_modules
+
+            add_lp_modules(self, self.post_process)
 
     # ---- options --------------------------------------------------------------------------------------
     @property
@@ -91,7 +96,11 @@ class DynACL(ACL):
 
     @property
     def post_process(self) -> str:
-        return "lp-aft" if self.variant == "dynacl++" else self.options.post_process
+        """The post-training stages: the option, or for variant dynacl++ the base's own (LP-AFT after PKU's
+        DynACL, LP-AFF after AIR's DynACL-AIR)."""
+        if self.variant == "dynacl++" and self.options.post_process == "none":
+            return "lp-aff" if self.air else "lp-aft"
+        return self.options.post_process
 
     @classmethod
     def check_options(cls, options, cfg) -> None:
@@ -168,11 +177,14 @@ class DynACL(ACL):
 
     # ---- stages and export ----------------------------------------------------------------------------
     def stages(self):
-        if self.post_process == "lp-aft":  # DynACL++: the pre-training export, then LP-AFT's stages
-            from advfast.methods.lp_post_stage import lp_aft_stages
+        """Pre-training; DynACL++ (-AIR++): its export, then the LP-AFT (LP-AFF) stages, whose last output is
+        the run's encoder.safetensors (the leaderboard's "++" rows)."""
+        if self.post_process == "none":
+            return super().stages()
+        from advfast.methods.lp_post_stage import lp_aff_stages, lp_aft_stages
 
-            return [self.main_stage(export=True)] + lp_aft_stages(self)
-        return super().stages()
+        post_stages = lp_aft_stages if self.post_process == "lp-aft" else lp_aff_stages
+        return [self.main_stage(export=True)] + post_stages(self)
 
     @property
     def encoder(self):
