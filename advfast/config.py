@@ -64,6 +64,20 @@ class OptimConfig:
 
 
 @dataclass
+class RCSConfig:
+    """RCS coreset selection (``coreset: rcs``; advfast.methods.coreset_rcs): the official flags of
+    GodXuxilie/Efficient_ACL_via_RCS. Defaults are the CIFAR ones; the digits preset scales the schedule."""
+    fraction: float = 0.2  # --fraction: share of the selection pool trained on after the warm-up
+    warmup_epochs: int = 100  # --warmup: full-data epochs before the first selection
+    interval: int = 20  # --fre: epochs between selections
+    lr: float = 0.01  # --Coreset_lr: the projection-head step between greedy picks
+    step_repeats: int = 2  # the official head step is applied twice per pick (effective lr 2 * lr)
+    val_steps: int = 3  # --Coreset_pgd_iter: PGD steps of the validation attack
+    val_fraction: float = 0.01  # the held-out validation share (official: a random 1%)
+    batch_size: int | None = None  # Coreset_bs (undefined in the official code): None = the training batch
+
+
+@dataclass
 class TrainConfig:
     method: str = "simclr"
     variant: str | None = None
@@ -82,6 +96,8 @@ class TrainConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     method_options: dict[str, Any] = field(default_factory=dict)
+    coreset: str = "none"  # "none" | "rcs": train on a robustness-aware coreset after a warm-up (acl, dynacl)
+    rcs: RCSConfig = field(default_factory=RCSConfig)
     # engine
     seed: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
@@ -402,7 +418,42 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     if cfg.data_dir is not None:
         check_path_text(cfg.data_dir, "data_dir (--data-dir)")
     _validate_method(cfg)
+    _validate_coreset(cfg)
     return cfg
+
+
+def _validate_coreset(cfg) -> None:
+    """``coreset`` and its ``rcs.*`` settings; only methods that declare a selection objective take it."""
+    if cfg.coreset not in ("none", "rcs"):
+        raise ValueError(f"coreset must be one of none, rcs, got {show(cfg.coreset)}"
+                         f"{closest(str(cfg.coreset), ('none', 'rcs')) if isinstance(cfg.coreset, str) else ''}")
+    r = cfg.rcs
+    for name in ("fraction", "lr", "val_fraction"):
+        _check_number(f"rcs.{name}", getattr(r, name))
+    rules = (("fraction", 0 < r.fraction <= 1, "in (0, 1]"), ("lr", r.lr >= 0, "non-negative"),
+             ("val_fraction", 0 < r.val_fraction < 1, "in (0, 1) (the held-out validation share)"),
+             ("warmup_epochs", isinstance(r.warmup_epochs, int) and 0 <= r.warmup_epochs <= MAX_EPOCHS,
+              "a non-negative integer"),
+             ("interval", isinstance(r.interval, int) and 1 <= r.interval <= MAX_EPOCHS, "a positive integer"),
+             ("step_repeats", isinstance(r.step_repeats, int) and 1 <= r.step_repeats <= 1000, "an integer in [1, 1000]"),
+             ("val_steps", isinstance(r.val_steps, int) and 0 <= r.val_steps <= 10_000, "an integer in [0, 10000]"),
+             ("batch_size", r.batch_size is None or (isinstance(r.batch_size, int) and r.batch_size >= 1),
+              "a positive integer or null (the training batch)"))
+    for name, ok, need in rules:
+        if not ok:
+            raise ValueError(f"rcs.{name} must be {need}, got {show(getattr(r, name))}")
+    if cfg.coreset == "none":
+        return
+    if r.warmup_epochs % r.interval:  # else the first coreset epoch would come before the first selection
+        raise ValueError(f"rcs.warmup_epochs ({r.warmup_epochs}) must be a multiple of rcs.interval ({r.interval}): "
+                         f"the first selection is at epoch warmup_epochs + 1")
+    from advfast.methods import METHODS
+    from advfast.methods.base import Method
+
+    if METHODS[cfg.method].coreset_objective is Method.coreset_objective:
+        with_rcs = sorted(n for n, c in METHODS.items() if c.coreset_objective is not Method.coreset_objective)
+        raise ValueError(f"coreset=rcs needs a selection objective, which method {cfg.method} does not define; "
+                         f"use it with {', '.join(with_rcs)} or drop --set coreset=rcs")
 
 
 def _check_numbers(cfg) -> None:

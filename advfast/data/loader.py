@@ -8,6 +8,11 @@ the epoch. With drop_last each rank keeps len(dataset) // world_size images (equ
 every rank, as DDP needs); without it each rank keeps its whole shard and a last short batch. The
 augmentation randomness depends on (seed, epoch, rank).
 
+``set_subset(indices)`` restricts the epochs to those dataset positions (a coreset, or the pool left by a
+held-out split): the permutation is then drawn over the subset, cut and sharded the same way. The
+indices reach the device once, when set; None returns to the whole dataset (the draws are then exactly
+those of a loader that never had a subset).
+
 With the "torchvision" backend the batches are augmented image by image in DataLoader worker
 processes (``num_workers``), the classic CPU path, then moved to the device; each batch is seeded from
 (seed, epoch, rank, batch number), so results do not depend on the number of workers.
@@ -57,6 +62,7 @@ class DeviceLoader:
         self.seed, self.rank, self.world_size = int(seed), rank, world_size
         self.drop_last, self.num_workers = drop_last, num_workers
         self.epoch = 0
+        self.subset: torch.Tensor | None = None
         self.classic = augment.backend == "torchvision"
         home = torch.device("cpu") if self.classic else self.device
         self.images = dataset.images.to(home)
@@ -65,8 +71,27 @@ class DeviceLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def set_subset(self, indices: torch.Tensor | None) -> None:
+        """Draw the epochs from these dataset positions only (int64, any device; None: the whole dataset)."""
+        if indices is None:
+            self.subset = None
+            return
+        if not isinstance(indices, torch.Tensor) or indices.dim() != 1 or indices.dtype != torch.int64:
+            raise TypeError(f"set_subset takes a 1-d int64 tensor of dataset positions, got {indices!r:.80}")
+        n = indices.numel()
+        if indices.device.type == "cpu" and n and not 0 <= int(indices.min()) <= int(indices.max()) < len(self.dataset):
+            raise ValueError(f"set_subset: positions must lie in [0, {len(self.dataset)})")
+        if self.drop_last and n // self.world_size < self.batch_size:
+            raise ValueError(f"a subset of {n} images holds less than one batch of {self.batch_size} per rank "
+                             f"(world_size {self.world_size})")
+        self.subset = indices.to(self.images.device)
+
+    def num_images(self) -> int:
+        """Images an epoch draws from: the subset's, else the dataset's."""
+        return len(self.dataset) if self.subset is None else self.subset.numel()
+
     def _shard_size(self) -> int:
-        n = len(self.dataset)
+        n = self.num_images()
         if self.drop_last:
             return n // self.world_size
         return len(range(self.rank, n, self.world_size))
@@ -79,7 +104,9 @@ class DeviceLoader:
         """This rank's indices for the current epoch, in order (before cutting into batches)."""
         home = self.images.device
         g = torch.Generator(device=home).manual_seed(mix_seed(self.seed, self.epoch))
-        perm = torch.randperm(len(self.dataset), generator=g, device=home)
+        perm = torch.randperm(self.num_images(), generator=g, device=home)
+        if self.subset is not None:
+            perm = self.subset.index_select(0, perm)
         return perm[self.rank::self.world_size][: self._shard_size()]
 
     def __iter__(self):

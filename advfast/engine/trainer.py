@@ -81,9 +81,13 @@ def build_config(method: str, variant: str | None = None, dataset: str = "digits
                  overrides: list[dict[str, Any]] = ()) -> TrainConfig:
     """TrainConfig defaults <- the method's preset for ``dataset`` <- each dict of ``overrides`` in turn."""
     from advfast.config import apply_overrides
+    from advfast.methods.coreset_rcs import rcs_preset
 
     cls = method_class(method)
     cfg = TrainConfig(method=method, variant=variant, dataset=dataset)
+    # the engine option coreset=rcs: its schedule per dataset (official on CIFAR, scaled on digits); unused
+    # unless coreset=rcs, and under the method's preset and the overrides
+    apply_overrides(cfg, {"rcs": rcs_preset(dataset)}, "coreset preset")
     apply_overrides(cfg, cls.preset(dataset, variant), f"preset of {method}")
     for o in overrides:
         apply_overrides(cfg, o)
@@ -149,6 +153,7 @@ class Trainer:
     def _build(self, cls, resume: bool, overwrite: bool) -> None:
         self._build_data(cls)
         self._build_method(cls)
+        self._build_coreset()
         self._plan(resume)
         self._build_loop_state()
         # everything is built: now the disk. Rank 0 locks the run directory for the whole job
@@ -208,10 +213,93 @@ class Trainer:
         if self.dist.enabled:  # same weights on every rank (seeded above), own attack randomness per rank
             torch.manual_seed(distributed.rank_seed(cfg.seed, self.dist.rank))
 
+    def _build_coreset(self) -> None:
+        """``coreset=rcs``: the held-out validation split (seeded), the selection pool (the loader's full-data
+        epochs draw from it too), the selection loader and the epoch layout (full-data epochs, then coreset
+        epochs of fewer steps). Without it the layout is uniform and nothing else changes."""
+        cfg = self.cfg
+        self.coreset: _Coreset | None = None
+        self.layout = EpochLayout(self.steps_per_epoch)
+        if cfg.coreset == "none":
+            return
+        from advfast.data import DeviceLoader
+        from advfast.data.loader import mix_seed
+        from advfast.data.torch_ops import resize
+        from advfast.methods.coreset_rcs import holdout_split, settings_from_config, val_rows_as_coded
+
+        objective = self.method.coreset_objective()
+        if objective is None:
+            raise ValueError(f"coreset=rcs: {cfg.method} defines its selection objective for ACL-DS's dual BN only, "
+                             f"not for variant {self.method.variant} with these options; use the ds variant")
+        if len(self.method.stages()) != 1:
+            raise ValueError(f"coreset=rcs applies to single-stage pre-training; {cfg.method} declares stages "
+                             f"{', '.join(s.name for s in self.method.stages())}")
+        settings = settings_from_config(cfg)
+        pool, val = holdout_split(len(self.dataset), cfg.rcs.val_fraction, mix_seed(cfg.seed, 0x56414C))
+        select_from = pool if objective.pool == "holdout" else None
+        self.loader.set_subset(select_from)
+        self.steps_per_epoch = len(self.loader)
+        chooser = DeviceLoader(self.dataset, settings.batch_size, self.augment, self.device,
+                               seed=mix_seed(cfg.seed, 0x53454C), rank=0, world_size=1) \
+            if settings.batch_size <= (len(select_from) if select_from is not None else len(self.dataset)) else None
+        if chooser is not None:
+            chooser.set_subset(select_from)
+        n_pool = len(select_from) if select_from is not None else len(self.dataset)
+        k = settings.num_batches(n_pool)
+        world, local = self.dist.world_size, cfg.batch_size // self.dist.world_size
+        core_steps = (k * settings.batch_size // world) // local
+        if chooser is None or k < 1 or core_steps < 1:
+            raise ValueError(f"coreset=rcs: rcs.fraction {settings.fraction} of the {n_pool}-image pool is "
+                             f"{int(n_pool * settings.fraction)} images, less than one selection batch of "
+                             f"{settings.batch_size} or one training batch of {cfg.batch_size}; raise rcs.fraction "
+                             f"or lower rcs.batch_size")
+        images = self.dataset.images.index_select(0, val).to(self.device).float().div_(255)
+        size = self._image_size()
+        val_x = val_rows_as_coded(resize(images, (size, size)), settings.batch_size)
+        self.coreset = _Coreset(objective, settings, chooser, val_x, select_from, val, k * settings.batch_size)
+        # the official loop trains on the subset from the first selection epoch or after the warm-up, whichever
+        # comes first (with interval 1 the selection at epoch `warmup` is one epoch early)
+        first = next(e for e in range(settings.warmup_epochs + 1)
+                     if e >= settings.warmup_epochs or settings.is_selection_epoch(e + 1))
+        self.layout = EpochLayout(self.steps_per_epoch, core_steps, first)
+
+    def _coreset_epoch(self, epoch: int) -> None:
+        """Before epoch ``epoch``'s batches: the pool on a full-data epoch; else the coreset, selected anew on a
+        selection epoch (rank 0's indices broadcast: one collective per selection) and reused until the next
+        (also from a checkpoint: a resume between selections does not select again)."""
+        c = self.coreset
+        if epoch < self.layout.warmup:
+            self.loader.set_subset(c.pool)
+            return
+        if c.settings.is_selection_epoch(epoch + 1) and c.selected_at != epoch:
+            from advfast.methods.coreset_rcs import select_with, selection_generator
+
+            started = time.perf_counter()
+            c.chooser.set_epoch(epoch)
+            sel = select_with(c.objective, c.chooser, c.val_x, c.settings,
+                              selection_generator(self.cfg.seed, epoch, self.device))
+            indices = sel.indices
+            if self.dist.enabled:  # the ranks selected alike (same data, generator, weights); rank 0's decide
+                indices = indices.to(self.device)
+                torch.distributed.broadcast(indices, src=0)
+            c.indices, c.selected_at = indices, epoch
+            if self.dist.is_main:
+                print(f"advfast: RCS selected {indices.numel()} of {c.chooser.num_images()} images before epoch "
+                      f"{epoch + 1} in {time.perf_counter() - started:.1f}s (greedy gains {sel.gains[0].item():.3g}"
+                      f"..{sel.gains[-1].item():.3g})", flush=True)
+        if c.indices is None:
+            raise RuntimeError(f"coreset epoch {epoch + 1} has no selection (the checkpoint holds none)")
+        self.loader.set_subset(c.indices)
+        if len(self.loader) != self.layout.steps_in(epoch):
+            raise RuntimeError(f"the coreset gives {len(self.loader)} steps, the schedule planned "
+                               f"{self.layout.steps_in(epoch)}")
+
     def _plan(self, resume: bool) -> None:
         """The method's stages laid out in steps; pre-training alone is one stage of cfg.epochs."""
         cfg = self.cfg
         self.plan = plan_stages(self.method.stages(), self.steps_per_epoch, cfg.method)
+        if not self.layout.uniform:  # one stage (_build_coreset): its epochs have two lengths
+            self.plan = dataclasses.replace(self.plan, total=self.layout.start(cfg.epochs))
         self.total_steps = self.plan.total
         if resume and cfg.max_steps is not None and cfg.max_steps > self.total_steps:
             epochs = "+".join(str(s.epochs) for s in self.plan.stages)  # the stages' epochs (one: cfg.epochs)
@@ -285,6 +373,12 @@ class Trainer:
             record["changes"] = history
         if self._encoder_inputs:
             record["encoder_inputs"] = input_record(self._encoder_inputs)
+        if self.coreset is not None:  # the seeded split, saved for inspection and to check a resume against
+            c = self.coreset
+            record["coreset"] = {"kind": self.cfg.coreset, "pool": c.objective.pool,
+                                 "pool_size": c.chooser.num_images(), "coreset_size": c.size,
+                                 "coreset_steps_per_epoch": self.layout.core,
+                                 "validation_indices": c.val_indices.tolist()}
         try:
             ckpt.atomic_write_json(self.out / RUN_FILE, record)
         except OSError as e:
@@ -378,12 +472,23 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         rng = {f"now.{k}": v for k, v in self._rng_state().items()}
         rng.update({f"epoch.{k}": v for k, v in self._epoch_start_rng.items()})
+        coreset = {}
+        if self.coreset is not None and self.coreset.indices is not None:
+            # the current selection, reused by a resume until the next one; the selection's own randomness is
+            # a function of (seed, epoch) (selection_generator, the chooser's draws): no state to save
+            rng["coreset.indices"] = self.coreset.indices.cpu()
+            rng["coreset.epoch"] = torch.tensor([self.coreset.selected_at], dtype=torch.int64)
+            coreset = {"coreset": {"epoch": self.layout.epoch_of(self.step),
+                                   "selected_before_epoch": self.coreset.selected_at + 1,
+                                   "images": int(self.coreset.indices.numel())}}
         meta = {
             "advfast_version": advfast.__version__, "config": to_dict(self.cfg),
             "method": self.cfg.method, "variant": self.method.variant, "arch": self.cfg.arch,
+            # the sidecar's "epoch" is step // steps_per_epoch (checkpoint.read_sidecar checks it); a coreset run's
+            # real epoch is in its "coreset" record
             "epoch": self.step // self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch,
             "scheduler": _jsonable(self.scheduler.state_dict()), "scaler": self.scaler.state_dict(),
-            **self._stage_record(),
+            **self._stage_record(), **coreset,
         }
         return ckpt.save_checkpoint(self.out / CHECKPOINTS, self.step, model_state=self.method.state_dict(),
                                     optimizer_state=self.optimizer.state_dict(), rng_tensors=rng, meta=meta,
@@ -434,9 +539,12 @@ class Trainer:
         self.step = int(meta["step"])
         self._apply_changes(meta["config"])
         rng = parts["rng"]
+        if self.coreset is not None and "coreset.indices" in rng:
+            self.coreset.indices = rng["coreset.indices"].to(torch.int64)
+            self.coreset.selected_at = int(rng["coreset.epoch"].view(-1)[0])
         self._epoch_start_rng = {k[len("epoch."):]: v for k, v in rng.items() if k.startswith("epoch.")}
         self._resume_rng = {k[len("now."):]: v for k, v in rng.items() if k.startswith("now.")}
-        print(f"advfast: resuming {self.out} from step {self.step} (epoch {self.step // self.steps_per_epoch})",
+        print(f"advfast: resuming {self.out} from step {self.step} (epoch {self.layout.epoch_of(self.step)})",
               flush=True)
         return True
 
@@ -444,7 +552,7 @@ class Trainer:
     def _batches(self, epoch: int):
         """The epoch's batches; on resume, the ones already trained are drawn (to replay the data
         order) but not trained on, and the RNG states are then set to those of the checkpoint."""
-        skip = self.step - epoch * self.steps_per_epoch
+        skip = self.step - self.layout.start(epoch)
         if self._resume_rng is not None:
             if skip == 0:  # resuming at an epoch boundary: the checkpoint's state is the epoch's start
                 self._set_rng_state(self._resume_rng)
@@ -454,7 +562,9 @@ class Trainer:
         if self._resume_rng is None:
             self._epoch_start_rng = {k: v.clone() for k, v in self._rng_state().items()}
         if self.stage.on_epoch_start is not None:  # views may change here: before the epoch's first draw
-            self.stage.on_epoch_start(epoch - self.plan.starts[self.stage_index] // self.steps_per_epoch)
+            self.stage.on_epoch_start(epoch - self.layout.epoch_of(self.plan.starts[self.stage_index]))
+        if self.coreset is not None:  # after on_epoch_start: the selection sees the epoch's views
+            self._coreset_epoch(epoch)
         self.loader.set_epoch(epoch)
         for i, batch in enumerate(self.loader):
             if i < skip:
@@ -480,6 +590,8 @@ class Trainer:
         self.scaler.update()
         if self.stage.after_optimizer_step is not None:
             self.stage.after_optimizer_step()
+        if not self.layout.uniform:  # the schedule in epoch units: the next iteration's epoch progress
+            self.scheduler.last_epoch = self.layout.virtual_step(self.step + 1) - 1
         self.scheduler.step()
         self.step += 1
         return loss, metrics
@@ -505,7 +617,7 @@ class Trainer:
         restore_signals = self._catch_signals()
         try:
             while self.step < stop_at and not self._should_stop(False):
-                for batch in self._batches(self.step // self.steps_per_epoch):
+                for batch in self._batches(self.layout.epoch_of(self.step)):
                     lr = self.optimizer.param_groups[0]["lr"]
                     loss, metrics = self.train_step(batch)
                     window.add({"loss": loss, **metrics})
@@ -548,7 +660,7 @@ class Trainer:
         weights_ok = values.pop() == 1.0  # read with the metrics: still the one sync
         now = time.perf_counter()
         stage = {"stage": self.stage.name} if len(self.plan.stages) > 1 else {}
-        row = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), **stage, "lr": lr,
+        row = {"step": self.step, "epoch": round(self.layout.progress(self.step), 4), **stage, "lr": lr,
                **dict(zip(window.sums, values)),
                "images_per_s": round(self.cfg.batch_size * (self.step - window.tick_step) / max(now - window.tick, 1e-9), 2)}
         window.reset(now, self.step)
@@ -644,6 +756,63 @@ class Trainer:
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, handler)
         return lambda: [signal.signal(s, h) for s, h in previous.items()]
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochLayout:
+    """Steps of each (0-based) epoch: ``full`` per epoch, or with a coreset ``full`` for the first ``warmup``
+    epochs and ``core`` after them. ``virtual_step`` maps a step to the same epoch progress on the full-data
+    scale: the learning-rate schedule in epoch units (RCS's official code rebuilds its per-iteration cosine
+    for each epoch's loader length and fast-forwards it, so the LR follows the epoch progress)."""
+    full: int
+    core: int | None = None
+    warmup: int = 0
+
+    @property
+    def uniform(self) -> bool:
+        return self.core is None
+
+    def steps_in(self, epoch: int) -> int:
+        return self.full if self.core is None or epoch < self.warmup else self.core
+
+    def start(self, epoch: int) -> int:
+        if self.core is None or epoch <= self.warmup:
+            return epoch * self.full
+        return self.warmup * self.full + (epoch - self.warmup) * self.core
+
+    def epoch_of(self, step: int) -> int:
+        if self.core is None or step < self.warmup * self.full:
+            return step // self.full
+        return self.warmup + (step - self.warmup * self.full) // self.core
+
+    def progress(self, step: int) -> float:
+        """Epochs done at ``step`` (fractional)."""
+        if self.core is None:
+            return step / self.full
+        e = self.epoch_of(step)
+        return e + (step - self.start(e)) / self.steps_in(e)
+
+    def virtual_step(self, step: int) -> float:
+        """``step`` as the full-data step at the same epoch progress (itself on full-data epochs)."""
+        e = self.epoch_of(step)
+        if self.core is None or e < self.warmup:
+            return step
+        return e * self.full + (step - self.start(e)) * self.full / self.core
+
+
+@dataclasses.dataclass
+class _Coreset:
+    """A run's coreset state: what it selects with, the selection loader (``chooser``), the validation rows,
+    the pool (None: the whole set), and the current selection (dataset indices) with its epoch."""
+    objective: Any
+    settings: Any
+    chooser: Any
+    val_x: torch.Tensor
+    pool: torch.Tensor | None
+    val_indices: torch.Tensor
+    size: int
+    indices: torch.Tensor | None = None
+    selected_at: int = -1
 
 
 class _MetricWindow:

@@ -154,6 +154,15 @@ class ACL(SimCLR):
     def branches(self) -> tuple[str, ...]:
         return ("normal", "pgd") if self.dual else ("normal",)
 
+    def coreset_objective(self):
+        """coreset=rcs (ACL_RCS.py): ACL-DS's NT-Xent, its projection head and dual BN; the coreset is drawn
+        from the training set minus the held-out validation share. None (refused) off DS or without dual BN."""
+        from advfast.methods.coreset_rcs import CoresetObjective
+
+        if self.variant != "ds" or not self.dual:
+            return None
+        return CoresetObjective(self.backbone, self.head, "normal", "pgd", self.temperature, pool="holdout")
+
     @classmethod
     def preset(cls, dataset: str, variant: str | None = None) -> dict[str, Any]:
         cls.resolve_variant(variant)

@@ -181,3 +181,10 @@ class Method(nn.Module):
     @property
     def encoder(self) -> nn.Module:
         raise NotImplementedError
+    def coreset_objective(self):
+        """What ``coreset=rcs`` selects with (advfast.methods.coreset_rcs.CoresetObjective: the backbone and
+        projection head, their clean and adversarial BN branches, the NT-Xent temperature, the selection
+        pool), or None when this configuration has none (the run is then refused with one line). Methods
+        that do not override it refuse ``coreset=rcs`` at config validation."""
+        return None
+

@@ -241,3 +241,81 @@ def rcs_select(backbone: Callable[[torch.Tensor, str], torch.Tensor], head: nn.M
     finally:
         for m, mode in zip(modules, modes):
             m.train(mode)
+
+
+# ---- the engine option ``coreset=rcs`` (advfast.engine.trainer) ------------------------------------------------
+
+POOLS = ("holdout", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class CoresetObjective:
+    """A method's declaration for ``coreset=rcs`` (``Method.coreset_objective``): the selection loss is ACL's
+    NT-Xent on ``head(backbone(x, branch), branch)`` with ``clean_branch`` / ``adv_branch`` BN.
+    ``pool``: where the coreset is drawn from and what the full-data epochs train on - "holdout" (the
+    training set minus the validation share: ``ACL_RCS.py``) or "full" (the whole set for both, as
+    ``DynACL_RCS.py``; the validation images are then also in the pool)."""
+    backbone: Callable[[torch.Tensor, str], torch.Tensor]
+    head: nn.Module
+    clean_branch: str = "normal"
+    adv_branch: str = "pgd"
+    temperature: float = 0.5
+    pool: str = "holdout"
+
+    def __post_init__(self):
+        if self.pool not in POOLS:
+            raise ValueError(f"CoresetObjective.pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
+
+
+# per-dataset schedule of the selections: CIFAR-style datasets keep the official 100/20 (RCSConfig's defaults);
+# the digits demo (10 epochs of 11 steps) selects at epochs 4, 7 and 10 (1-based), so several selections happen
+DATASET_PRESETS = {"digits": dict(warmup_epochs=3, interval=3)}
+
+
+def rcs_preset(dataset: str) -> dict:
+    """The ``rcs`` config section's overrides for ``dataset`` (applied under the method's preset)."""
+    return dict(DATASET_PRESETS.get(dataset, {}))
+
+
+def settings_from_config(cfg) -> RCSSettings:
+    """RCSSettings of a TrainConfig: its ``rcs`` section, the selection batch (None: the training batch, the value
+    the official ImageNet-32 version uses for the undefined ``Coreset_bs``) and the run's own attack for the batch
+    gradients (ACL's PGD-5: the official ``--pgd_iter``)."""
+    r, a = cfg.rcs, cfg.attack
+    steps = a.steps if a.kind != "none" else 0
+    return RCSSettings(fraction=float(r.fraction), batch_size=int(r.batch_size or cfg.batch_size), lr=float(r.lr),
+                       step_repeats=int(r.step_repeats), val_steps=int(r.val_steps), val_eps=8 / 255,
+                       train_steps=int(steps), train_eps=float(a.eps), temperature=float(cfg.temperature),
+                       warmup_epochs=int(r.warmup_epochs), interval=int(r.interval),
+                       random_start=bool(a.random_start))
+
+
+def holdout_split(num_images: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pool, validation) dataset indices, int64 on the CPU: ``num_images - int(num_images * (1 - val_fraction))``
+    validation images drawn at random (seeded; the official ``np.random.choice`` of the 99%), in ascending order
+    as ``np.delete`` leaves them, the rest the pool."""
+    n_val = num_images - int(num_images * (1.0 - val_fraction))
+    if n_val < 1 or n_val >= num_images:
+        raise ValueError(f"rcs.val_fraction {val_fraction} of {num_images} images leaves {n_val} validation images; "
+                         f"it must hold at least one and leave a training pool")
+    g = torch.Generator().manual_seed(int(seed))
+    perm = torch.randperm(num_images, generator=g)
+    return perm[n_val:].clone(), perm[:n_val].sort().values
+
+
+def selection_generator(seed: int, epoch: int, device) -> torch.Generator:
+    """The attacks' random starts of the selection at (0-based) ``epoch``: a function of (seed, epoch) only, so a
+    resume that repeats a selection draws the same starts and every rank of a DDP run draws alike."""
+    from advfast.data.loader import mix_seed
+
+    return torch.Generator(device=device).manual_seed(mix_seed(seed, epoch, 0x52435300))
+
+
+def select_with(objective: CoresetObjective, loader, val_x: torch.Tensor, settings: RCSSettings,
+                generator: torch.Generator) -> RCSSelection:
+    """``rcs_select`` over an ``advfast.data.DeviceLoader`` (its current epoch and views; each batch's
+    ``indices`` are dataset positions) with the method's declared objective."""
+    settings = dataclasses.replace(settings, temperature=float(objective.temperature))
+    batches = ((b.indices, b.views[0], b.views[1]) for b in loader)
+    return rcs_select(objective.backbone, objective.head, batches, val_x, loader.num_images(), settings,
+                      clean_branch=objective.clean_branch, adv_branch=objective.adv_branch, generator=generator)
