@@ -174,13 +174,6 @@ class Method(nn.Module):
             self.__dict__["inputs"] = {}
         self.__dict__["inputs"][option] = encoder
 
-    def trainable_parameters(self):
-        """Parameters the optimiser updates (momentum encoders excluded)."""
-        return [p for p in self.parameters() if p.requires_grad]
-
-    @property
-    def encoder(self) -> nn.Module:
-        raise NotImplementedError
     def coreset_objective(self):
         """What ``coreset=rcs`` selects with (advfast.methods.coreset_rcs.CoresetObjective: the backbone and
         projection head, their clean and adversarial BN branches, the NT-Xent temperature, the selection
@@ -188,3 +181,10 @@ class Method(nn.Module):
         that do not override it refuse ``coreset=rcs`` at config validation."""
         return None
 
+    def trainable_parameters(self):
+        """Parameters the optimiser updates (momentum encoders excluded)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    @property
+    def encoder(self) -> nn.Module:
+        raise NotImplementedError
