@@ -309,11 +309,11 @@ def test_aft_step_matches_official_trades_step(cls):
 def test_settings_and_interface():
     assert lr_segments(LP_AFT.aft) == [(10, 0.1), (10, 0.1 * 0.1), (5, 0.1 * 0.1 ** 2)]
     digits = for_dataset(LP_AFT, "digits")
-    assert (digits.probe.epochs, digits.aft.epochs, digits.aft.milestones) == (2, 5, (2, 4))
+    assert (digits.probe.epochs, digits.aft.epochs, digits.aft.milestones) == (10, 5, (2, 4))
     assert for_dataset(LP_AFT, "cifar10") is LP_AFT
     m = _method(LPDemo, torch.float32)
     names = [(s.name, s.epochs, s.optim.lr, s.export) for s in lp_aft_stages(m)]
-    assert names == [("lp-aft-probe", 2, 0.01, False), ("lp-aft-ft1", 2, 0.1, False),
+    assert names == [("lp-aft-probe", 10, 0.01, False), ("lp-aft-ft1", 2, 0.1, False),
                      ("lp-aft-ft2", 2, 0.1 * 0.1, False), ("lp-aft", 1, 0.1 * 0.1 ** 2, True)]
     assert m.lp_head.out_features == 10 and not m.lp_head.weight.any() and not m.lp_head.weight.requires_grad
     with pytest.raises(ValueError, match="add_lp_modules was called for 'lp-aft', the stages are 'lp-aff'"):

@@ -53,7 +53,8 @@ flip (the "finetune" preset's view, the scripts' ``RandomCrop(32, padding=4)`` +
 ``on_epoch_start`` and train on view 0; batches are the run's (batch size, drop_last), the pseudo label of an
 image is read at ``batch.indices``.
 
-Digits: the epochs are divided by 5 (advfast.methods.lp_post_settings.for_dataset: probe 2, AFT 2 + 2 + 1).
+Digits: the AFT's epochs are divided by 5 (2 + 2 + 1), the probe keeps its 10 (cheap: a frozen forward);
+advfast.methods.lp_post_settings.for_dataset.
 Not on the attack-graph (CUDA graph) path: TRADES runs eagerly.
 """
 
@@ -255,7 +256,11 @@ class LPPostProcess:
                   f"cluster SS {result.objective:.6g}, cluster sizes {counts}", flush=True)
 
     def _targets(self, batch) -> torch.Tensor:
-        return self.method.lp_labels.labels[batch.indices.to(self.method.lp_labels.labels.device)]
+        labels = self.method.lp_labels.labels
+        if not self.method.lp_labels.ready:
+            raise RuntimeError(f"{self.post.name}: no pseudo labels yet; the stage's on_epoch_start computes them "
+                               f"before its first batch")
+        return labels[batch.indices.to(labels.device)]
 
     def logits(self, x: torch.Tensor, branch: str) -> torch.Tensor:
         return upcast(self.method.lp_head(self.method.encoder(x, branch)))

@@ -6,7 +6,9 @@ data points (unseeded), stopped when (sum_k ||c_k - c_k'||)^2 < tol, returning t
 init, Lloyd to ``tol`` relative to the mean feature variance, at most ``max_iter`` rounds, labels of the
 final centres). From the same initial centres both follow the same Lloyd iterates, so at convergence
 they give the same labels and the same clustering objective; the labels of two unseeded official runs
-differ anyway, which is why the step is compared by its objective (tests/test_dynacl_air_parts.py).
+differ anyway, which is why the step is compared by its objective (tests/test_dynacl_air_parts.py, and
+tests/test_lp_post_stage.py from kmeans_pytorch's own kind of start, K random data points, given as
+``init``). The stages that use it: advfast.methods.lp_post_stage.
 """
 
 from __future__ import annotations
