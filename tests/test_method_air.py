@@ -138,6 +138,8 @@ def test_epoch_start_sets_airs_strength_views_and_weight():
     method = make_method()
     method.augment = build_augment(ACL.augment_for("ds", {"air": "true"}), backend="torch", size=8)
     assert method.augment.num_views == 3 and method.augment.views[2] == (Original(),)
+    images = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    assert torch.equal(method.augment(images, torch.Generator().manual_seed(0))[2], images.float() / 255)  # ToTensor
     first = method.augment.views
     for epoch0 in range(10):
         method.on_epoch_start(epoch0)  # ACL-AIR
