@@ -79,7 +79,7 @@ class MoCo(Method):
         self._pending_keys: list[torch.Tensor] = []
 
     @classmethod
-    def augment_for(cls, variant: str | None):
+    def augment_for(cls, variant: str | None, options: dict[str, Any] | None = None):
         """The views of ``variant``: a data preset name, or a custom tuple of views (v1)."""
         return MOCOV1_VIEWS if cls.resolve_variant(variant) == "v1" else "mocov2"
 
