@@ -219,9 +219,11 @@ def test_air_defers_to_acls_air_path_with_dynamic_augmentation():
     images = torch.randint(0, 256, (8, 1, 8, 8), dtype=torch.uint8)
     loss, metrics = m.training_step(types.SimpleNamespace(views=m.augment(images)))
     assert torch.isfinite(loss) and {"loss_sir", "loss_air"} <= set(metrics)
-    with pytest.raises(ValueError, match="ema_view=true is PKU DynACL's"):
-        validate(build_config("dynacl", None, "digits", [dict(out="/tmp/unused",
-                                                              method_options=dict(air=True, ema_view=True))]))
+    for options, match in [(dict(ema_view=True), "ema_view=true is PKU DynACL's"),
+                           (dict(weight_schedule="aligned"), "weight_schedule is PKU DynACL's")]:
+        with pytest.raises(ValueError, match=match):
+            validate(build_config("dynacl", None, "digits", [dict(out="/tmp/unused",
+                                                                  method_options=dict(air=True, **options))]))
 
 
 # ---- the engine, the CLI, the backends -----------------------------------------------------------------

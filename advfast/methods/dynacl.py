@@ -108,9 +108,15 @@ class DynACL(ACL):
         if options.loss_weight_adv != 1.0:
             raise ValueError("method.loss_weight_adv is ACL's; DynACL weights its losses by its schedule "
                              "(method.swap_param, method.weight_schedule): drop it")
-        if getattr(options, "air", False) and options.ema_view:
-            raise ValueError("method.ema_view=true is PKU DynACL's; AIR's DynACL (method.air=true) has no EMA "
-                             "view: drop method.ema_view")
+        if getattr(options, "air", False):
+            if options.ema_view:
+                raise ValueError("method.ema_view=true is PKU DynACL's; AIR's DynACL (method.air=true) has no EMA "
+                                 "view: drop method.ema_view")
+            defaults = cls.Options()
+            for name in ("swap_param", "ema_momentum", "weight_schedule"):  # AIR's path has its own weight
+                if getattr(options, name) != getattr(defaults, name):
+                    raise ValueError(f"method.{name} is PKU DynACL's and does not apply with method.air=true; "
+                                     f"drop it")
 
     # ---- presets --------------------------------------------------------------------------------------
     @classmethod
