@@ -21,8 +21,8 @@ def load_pretrained(path: str, bn_branch: str | None = None, fmt: str | None = N
     for an advfast run it also names the training log (metrics.jsonl), for the training-curve plot."""
     if fmt is None or fmt == ADVFAST:
         if keep_branches:
-            raise ValueError("an advfast run stores each BN branch in its own file; for dual-BN fine-tuning "
-                             "export it with advfast-export --to robustssl and evaluate that file with --from robustssl")
+            raise ValueError("an advfast run stores each BN branch in its own file; for dual-BN fine-tuning export "
+                             "it with advfast-export --to robustssl and evaluate that file with --from robustssl")
         encoder, meta = load_encoder(path, bn_branch)
         metrics = Path(meta["run_dir"]) / "metrics.jsonl"
         if metrics.is_file():

@@ -32,8 +32,8 @@ def markdown_table(result: dict) -> str:
     if board:  # --protocol-set robustssl: the row as the RobustSSL leaderboard shows it
         row = board["row"]
         cells = " | ".join("–" if row[k] is None else f"{row[k]:.2f}" for k in ("ra1", "sa1", "ca1"))
-        lines += ["", f"RobustSSL leaderboard table `{board['table']}`:", "", "| ra1 (AA) | sa1 (clean) | ca1 (CIFAR-C) |",
-                  "| ---: | ---: | ---: |", f"| {cells} |", ""]
+        lines += ["", f"RobustSSL leaderboard table `{board['table']}`:", "",
+                  "| ra1 (AA) | sa1 (clean) | ca1 (CIFAR-C) |", "| ---: | ---: | ---: |", f"| {cells} |", ""]
         lines.append("comparable with the leaderboard" if board["comparable"] else
                      "not comparable with the leaderboard: " + "; ".join(board["differences"]))
     if result.get("autoattack"):

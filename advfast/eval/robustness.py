@@ -175,7 +175,9 @@ def autoattack_examples(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps:
     if autoattack_backend()["package"] == "autoattack":
         from autoattack import AutoAttack as ReferenceAutoAttack
 
-        adversary = ReferenceAutoAttack(model, norm="Linf", eps=eps, version="standard", verbose=False, seed=seed)
+        # its device defaults to 'cuda': name the model's, so it also runs on a CPU
+        adversary = ReferenceAutoAttack(model, norm="Linf", eps=eps, version="standard", verbose=False, seed=seed,
+                                        device=x.device)
         return adversary.run_standard_evaluation(x, y, bs=batch_size or x.shape[0])
     import torchattacks
 
