@@ -171,9 +171,9 @@ SETUPS = _declared_setups()
 
 
 def test_the_methods_declare_the_setups_this_file_covered_before():
-    # issue 15 moved this table into the methods; the same ten setups, nothing lost
-    assert sorted(SETUPS) == sorted(["acl", "acl-a2s", "amoc", "amoc-aaa", "moco-adv", "moco-adv-fgsm", "advcl",
-                                     "advcl-refresh", "advcl-no-ce", "rocl"])
+    # issue 15 moved this table into the methods; the ten setups it had, nothing lost (later methods add more)
+    assert set(SETUPS) >= {"acl", "acl-a2s", "amoc", "amoc-aaa", "moco-adv", "moco-adv-fgsm", "advcl",
+                           "advcl-refresh", "advcl-no-ce", "rocl"}
     assert all(SETUPS[s][0] == s for s in ("acl", "amoc", "moco-adv", "advcl", "rocl"))
 
 

@@ -34,7 +34,7 @@ from torch import nn
 
 B = 8  # batch per rank
 WORLD = 2
-METHODS = ("simclr", "acl", "moco", "amoc")
+METHODS = ("simclr", "acl", "moco", "amoc", "acl-air")
 MEAN, STD = (0.4, 0.45, 0.5), (0.25, 0.25, 0.25)
 
 
@@ -47,18 +47,18 @@ def _config(method: str):
         over.update(attack=dict(kind="none"), method_options=dict(queue_size=40, momentum=0.9))
     if method == "amoc":
         over["method_options"] = dict(queue_size_clean=40, queue_size_adv=40, momentum=0.9)
-    if method in ("simclr", "acl"):
-        over["method_options"] = dict(head_hidden=16)
+    if method in ("simclr", "acl", "acl-air"):
+        over["method_options"] = dict(head_hidden=16, **({"air": True} if method == "acl-air" else {}))
         if method == "simclr":
             over.pop("attack")
-    return build_config(method, dataset="digits", overrides=[over])
+    return build_config(method.removesuffix("-air"), dataset="digits", overrides=[over])
 
 
 def _build(method: str):
     from advfast.engine.trainer import method_class
 
     torch.manual_seed(0)  # identical init on every side
-    m = method_class(method)(_config(method), 10, MEAN, STD)
+    m = method_class(method.removesuffix("-air"))(_config(method), 10, MEAN, STD)
     return m.train()
 
 
@@ -66,7 +66,7 @@ def _global_batch():
     from advfast.data.loader import Batch
 
     g = torch.Generator().manual_seed(1234)
-    views = [torch.rand(WORLD * B, 3, 8, 8, generator=g) for _ in range(2)]
+    views = [torch.rand(WORLD * B, 3, 8, 8, generator=g) for _ in range(3)]  # acl-air: the original image
     return Batch(views, torch.zeros(WORLD * B, dtype=torch.long), torch.arange(WORLD * B))
 
 
@@ -187,7 +187,7 @@ def test_two_ranks_match_one_process_with_the_global_batch(rank_results, name):
     init, ref_loss, ref_state = _reference(name)
     mean_loss = sum(r["loss"] for r in ranks) / WORLD
     assert mean_loss == pytest.approx(ref_loss, rel=1e-5, abs=1e-6)
-    if name in ("simclr", "acl"):  # the global NT-Xent: the same value on every rank
+    if name in ("simclr", "acl", "acl-air"):  # the global NT-Xent: the same value on every rank
         for r in ranks:
             assert r["loss"] == pytest.approx(ref_loss, rel=1e-5, abs=1e-6)
     params = {n for n, p in _build(name).named_parameters()}
