@@ -4,6 +4,7 @@ epoch layout and the LR schedule in epoch units, training only on the selection,
 selection, the refusals, and the CLI (advfast-train then advfast-eval)."""
 
 import copy
+import dataclasses
 import importlib.util
 import json
 import math
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.utils._python_dispatch
 
 from advfast.config import validate
 from advfast.data import DeviceLoader, build_augment
@@ -217,3 +219,91 @@ def test_cli_train_then_eval(tmp_path, capsys):
                       "--n-eval", "16", "--out", str(tmp_path / "eval"), "--no-plots"]) == 0
     res = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert res["protocol"] == "slf" and 0 <= res["robust_accuracy"]["pgd20"] <= res["clean_accuracy"] <= 1
+
+
+class _HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that read a tensor back to the host (.item(), bool(), int(): _local_scalar_dense) or
+    whose output size depends on the data (nonzero: masked indexing): each is a stall on a GPU."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_selection_reads_back_once_whatever_the_batch_count():
+    """No host read per batch or per greedy pick: the selection's host reads do not grow with the number of
+    batches (2 vs 5) or picks (1 vs 3); the indices come back once, at the end."""
+    backbone, head = _model()
+    counts = []
+    for n_batches, fraction in ((2, 0.5), (5, 0.6)):
+        items, val = _data(4 * n_batches, 3)
+        batches = _Batches(items, torch.arange(4 * n_batches), 4)
+        objective = CoresetObjective(backbone, head)
+        with _HostReads() as reads:
+            sel = select_with(objective, batches, val, RCSSettings(fraction=fraction, batch_size=4),
+                              torch.Generator().manual_seed(0))
+        counts.append(reads.count)
+        assert len(sel.indices) == 4 * int(int(4 * n_batches * fraction) / 4)
+    assert counts[0] == counts[1] <= 1, counts
+
+
+def test_full_pool_as_dynacl_rcs(tmp_path, monkeypatch):
+    """pool="full" (DynACL_RCS.py): the full-data epochs and the selection draw from the whole set (the
+    validation images included, as coded); checked through ACL's declaration switched to the full pool."""
+    from advfast.methods.acl import ACL
+
+    declared = ACL.coreset_objective
+    monkeypatch.setattr(ACL, "coreset_objective",
+                        lambda self: dataclasses.replace(declared(self), pool="full"))
+    trainer = Trainer(_cfg(tmp_path / "full", epochs=3))
+    assert trainer.steps_per_epoch == 1438 // 256 and trainer.coreset.chooser.num_images() == 1438
+    trainer._coreset_epoch(0)
+    assert trainer.loader.subset is None and trainer.loader.num_images() == 1438
+    trainer._coreset_epoch(2)
+    assert trainer.coreset.selected_at == 2 and trainer.loader.num_images() == 512 and len(trainer.loader) == 2
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_share_rank0_selection_and_resume_on_one(tmp_path):
+    """torchrun, 2 CPU ranks (tests/test_distributed.py's worker around advfast-train): every rank selects, rank 0's
+    indices are broadcast, each rank trains on its shard of them; the checkpoint's selection resumes in one
+    process (global batch 64: the same steps per epoch)."""
+    import os
+    import socket
+    import subprocess
+
+    from advfast.engine.trainer import load_run_config
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    # pool 1423, fraction 0.1 -> 2 selection batches of 64 -> 128 images, 64 per rank -> 2 steps of 32 per rank
+    args = ["--method", "acl", "--dataset", "digits", "--out", str(out), "--device", "cpu", "--image-size", "8",
+            "--batch-size", "64", "--no-progress", "--set", "max_steps=1", "--set", "ckpt_every=1",
+            "--set", "attack.steps=1", "--set", "method.head_hidden=16", "--set", "coreset=rcs",
+            "--set", "rcs.fraction=0.1", "--set", "rcs.warmup_epochs=1", "--set", "rcs.interval=1",
+            "--set", "rcs.val_steps=1", "--set", "epochs=2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", ADVFAST_TEST_DUMP_WEIGHTS=str(tmp_path))
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={port}", str(Path(__file__).resolve().parent / "test_distributed.py"), "train", *args]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("advfast: RCS selected 128 of 1423 images before epoch 1") == 1  # rank 0 reports
+    w0, w1 = (torch.load(tmp_path / f"weights_rank{r}.pt") for r in range(2))
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]) or "running_" in k, k
+    cfg = load_run_config(out)
+    cfg.max_steps = 2
+    resumed = Trainer(cfg, resume=True)  # one process: the 2-rank run's selection, from its checkpoint
+    assert resumed.step == 1 and resumed.coreset.selected_at == 0 and resumed.coreset.indices.numel() == 128
+    selection = resumed.coreset.indices.clone()
+    seen = _record_batches(resumed)
+    resumed.fit()
+    assert set(seen[0][1].tolist()) <= set(selection.tolist()) and len(seen) == 1
