@@ -316,6 +316,14 @@ def test_settings_and_interface():
     assert names == [("lp-aft-probe", 10, 0.01, False), ("lp-aft-ft1", 2, 0.1, False),
                      ("lp-aft-ft2", 2, 0.1 * 0.1, False), ("lp-aft", 1, 0.1 * 0.1 ** 2, True)]
     assert m.lp_head.out_features == 10 and not m.lp_head.weight.any() and not m.lp_head.weight.requires_grad
+    assert [s.training_step.__self__.post.aft.trades_random_start for s in lp_aft_stages(m)[1:]] == [0.0] * 3
+    other = lp_aft_stages(m, trades_random_start=0.001)[1].training_step.__self__.post.aft
+    assert (other.trades_random_start, other.epochs) == (0.001, 5)
+    aff = _method(LPDemoAFF, torch.float32)
+    assert lp_aff_stages(aff)[1].training_step.__self__.branches.attack_target == "normal"
+    assert lp_aff_stages(aff, attack_target_branch="pgd")[1].training_step.__self__.branches.attack_target == "pgd"
+    with pytest.raises(ValueError, match=r"trades_random_start must be a number in \[0, 1\)"):
+        lp_aft_stages(m, trades_random_start=-1.0)
     with pytest.raises(ValueError, match="add_lp_modules was called for 'lp-aft', the stages are 'lp-aff'"):
         lp_aff_stages(m)
     with pytest.raises(ValueError, match=r"call add_lp_modules\(self, 'lp-aft'\)"):

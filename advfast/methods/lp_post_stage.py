@@ -135,19 +135,25 @@ def add_lp_modules(method: nn.Module, post: str | PostProcessing = "lp-aft") -> 
     method.__dict__["lp_post"] = post  # plain attribute: settings, not state
 
 
-def lp_aft_stages(method: nn.Module, post: PostProcessing | None = None) -> list[Stage]:
-    """DynACL++'s stages (PKU-ML/DYNACL assign_label.py + LPAFT.py), epochs scaled for digits; ``post``:
-    other settings, used as given (tests)."""
-    return _stages(method, post, "lp-aft")
-
-
-def lp_aff_stages(method: nn.Module, post: PostProcessing | None = None) -> list[Stage]:
-    """DynACL-AIR++'s stages (GodXuxilie/Enhancing_ACL_via_AIR LP-AFF.py), epochs scaled for digits;
+def lp_aft_stages(method: nn.Module, post: PostProcessing | None = None, *,
+                  trades_random_start: float | None = None) -> list[Stage]:
+    """DynACL++'s stages (PKU-ML/DYNACL assign_label.py + LPAFT.py), epochs scaled for digits.
+    ``trades_random_start``: the std of the TRADES start instead of the coded 0.0 (x itself), e.g. 0.001
+    (ACL's and AIR's Gaussian start, well defined where the coded one is rounding noise: quirk 10).
     ``post``: other settings, used as given (tests)."""
-    return _stages(method, post, "lp-aff")
+    return _stages(method, post, "lp-aft", trades_random_start, None)
 
 
-def _stages(method, post, name) -> list[Stage]:
+def lp_aff_stages(method: nn.Module, post: PostProcessing | None = None, *,
+                  trades_random_start: float | None = None, attack_target_branch: str | None = None) -> list[Stage]:
+    """DynACL-AIR++'s stages (GodXuxilie/Enhancing_ACL_via_AIR LP-AFF.py), epochs scaled for digits.
+    ``attack_target_branch``: "pgd" for the attack's KL target through 'pgd' (PKU-ML/DYNACL's
+    trades_loss_dual(natural_mode='pgd'), LPAFT_AFF.py) instead of AIR's coded 'normal';
+    ``trades_random_start`` as for lp_aft_stages (coded: 0.001). ``post``: other settings, used as given."""
+    return _stages(method, post, "lp-aff", trades_random_start, attack_target_branch)
+
+
+def _stages(method, post, name, random_start, target) -> list[Stage]:
     made = method.__dict__.get("lp_post")
     if made is None or not isinstance(getattr(method, "lp_labels", None), PseudoLabelBuffer):
         raise ValueError(f"{type(method).__name__}: call add_lp_modules(self, {name!r}) at the end of __init__ "
@@ -158,6 +164,14 @@ def _stages(method, post, name) -> list[Stage]:
     post = for_dataset(made, method.cfg.dataset) if post is None else _post(post)  # given: used as is
     if num_clusters(post, method.num_classes) != num_clusters(made, method.num_classes):
         raise ValueError("the stages' K differs from the one add_lp_modules sized the probe head for")
+    if random_start is not None:
+        if not (isinstance(random_start, (int, float)) and 0 <= random_start < 1):
+            raise ValueError(f"trades_random_start must be a number in [0, 1) (the start's std), got {random_start!r}")
+        post = dataclasses.replace(post, aft=dataclasses.replace(post.aft, trades_random_start=float(random_start)))
+    if target is not None:
+        if target not in ("normal", "pgd"):
+            raise ValueError(f"attack_target_branch must be normal or pgd, got {target!r}")
+        post = dataclasses.replace(post, aft=dataclasses.replace(post.aft, attack_target_branch=target))
     return LPPostProcess(method, post).stages()
 
 
