@@ -154,17 +154,17 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
     pretrain_dataset = meta["dataset"]
     dataset_name = cfg.downstream or cfg.dataset or pretrain_dataset
     size = meta.get("image_size")
+    if robust and dataset_name not in rs.DOWNSTREAM:
+        raise ValueError(f"--protocol-set robustssl evaluates on {', '.join(rs.DOWNSTREAM)} (the benchmark's "
+                         f"datasets), not {dataset_name}; use --protocol-set advfast for it")
+    if robust and cfg.corruptions_dir and dataset_name not in rs.TEST.corruption_datasets:
+        raise ValueError(f"the benchmark has no corruption set for {dataset_name} (eval_test_OOD runs on "
+                         "CIFAR-10-C / CIFAR-100-C only): drop --corruptions-dir")
     digits_kw = {"size": size} if dataset_name == "digits" and size else {}
     train = load_dataset(dataset_name, root=cfg.data_dir, split="train", download=cfg.download, **digits_kw)
     test = load_dataset(dataset_name, root=cfg.data_dir, split="test", download=cfg.download, **digits_kw)
     settings = None
     if robust:
-        if dataset_name not in rs.DOWNSTREAM:
-            raise ValueError(f"--protocol-set robustssl evaluates on {', '.join(rs.DOWNSTREAM)} (the benchmark's "
-                             f"datasets), not {dataset_name}; use --protocol-set advfast for it")
-        if cfg.corruptions_dir and dataset_name not in rs.TEST.corruption_datasets:
-            raise ValueError(f"the benchmark has no corruption set for {dataset_name} (eval_test_OOD runs on "
-                             "CIFAR-10-C / CIFAR-100-C only): drop --corruptions-dir")
         resize = 96 if pretrain_dataset == "stl10" else 32
         data = rs.data_settings(dataset_name, resize)
         settings = rs.finetune_settings(pretraining, dataset_name, pretrain_dataset if pretrain_dataset in rs.DOWNSTREAM
@@ -174,6 +174,9 @@ def evaluate(cfg: EvalConfig, log=print) -> dict:
             if not hasattr(pcfg, key):
                 raise ValueError(f"unknown protocol setting {key!r}")
             setattr(pcfg, key, value)
+        if pcfg.epochs < 1 or pcfg.batch_size < 1 or pcfg.lr <= 0:
+            raise ValueError(f"epochs, batch_size and lr must be positive, got {pcfg.epochs}, {pcfg.batch_size}, "
+                             f"{pcfg.lr}")
         train, test = resized(train, data.resize), resized(test, data.resize)
     else:
         pcfg = protocol_preset(cfg.protocol, dataset_name, train_eps=eps, train_alpha=eps / 4, **cfg.overrides)
