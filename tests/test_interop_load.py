@@ -347,3 +347,15 @@ def test_lightning_payload_loads_without_lightning(built):
     assert isinstance(hp["cli_args"], argparse.Namespace) and hp["cli_args"].max_epochs == 100
     (key,) = payload["callbacks"]
     assert issubclass(key, LightningStandIn) and key.qualname.endswith("ModelCheckpoint")
+
+
+def test_the_package_level_name_is_the_importer_and_import_stays_light():
+    import subprocess
+    import sys
+
+    import advfast
+    from advfast.interop import load_published
+
+    assert advfast.load_published is load_published
+    code = "import sys, advfast; assert 'torch' not in sys.modules; print('light')"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "light\n"
