@@ -55,12 +55,14 @@ class OptimConfig:
     nesterov: bool = False
     lars_eta: float = 1e-3
     lars_exclude_bn_bias: bool = False
-    schedule: str = "cosine"  # "cosine" | "constant"
+    schedule: str = "cosine"  # "cosine" | "constant" | "step" (x gamma every step_epochs epochs, torch StepLR)
     warmup_epochs: float = 10.0
     warmup_start_lr: float = 0.0
     min_lr: float = 0.0
     step_every: str = "iteration"  # "iteration" | "epoch" (lr constant inside an epoch, as a per-epoch LambdaLR)
     warmup_point: str = "start"  # "start": warmup unit i at i/warmup of the ramp | "end": (i+1)/warmup (DynACL)
+    step_epochs: int = 0  # schedule "step": epochs between lr steps (>= 1)
+    gamma: float = 0.1  # schedule "step": the lr factor of each step
 
 
 @dataclass
@@ -351,7 +353,7 @@ _CHOICES = {
     "attack.kind": ("pgd", "fgsm", "none"),
     "attack.norm": ("linf", "l2"),
     "optim.name": ("sgd", "lars"),
-    "optim.schedule": ("cosine", "constant"),
+    "optim.schedule": ("cosine", "constant", "step"),
     "optim.step_every": ("iteration", "epoch"),
     "optim.warmup_point": ("start", "end"),
     "augment_backend": ("auto", "torch", "dali", "torchvision"),
@@ -390,6 +392,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     check("optim.min_lr", lambda v: 0 <= v <= cfg.optim.lr, f"between 0 and optim.lr ({cfg.optim.lr})")
     check("optim.warmup_start_lr", lambda v: 0 <= v <= cfg.optim.lr, f"between 0 and optim.lr ({cfg.optim.lr})")
     check("optim.lars_eta", lambda v: v > 0, "positive")
+    check("optim.gamma", lambda v: 0 < v <= 1, "in (0, 1]")
+    if cfg.optim.schedule == "step":
+        check("optim.step_epochs", lambda v: v >= 1, "a positive number of epochs with optim.schedule=step")
     if cfg.attack.kind != "none":
         # eps in [0, 1] image units: above 1 the ball holds every image and the attack is meaningless
         bound = 1.0 if cfg.attack.norm == "linf" else 64.0

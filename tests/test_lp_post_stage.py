@@ -278,7 +278,7 @@ def test_aft_step_matches_official_trades_step(cls):
     lp_stages = lp_aft_stages(m) if cls is LPDemo else lp_aff_stages(m)
     stage = lp_stages[1]
     post = LP_AFT if cls is LPDemo else LP_AFF
-    assert stage.name == f"{post.name}-ft1" and stage.optim.lr == 0.1 and stage.optim.momentum == 0.9
+    assert stage.name == post.name and stage.optim.lr == 0.1 and stage.optim.momentum == 0.9
     torch.manual_seed(5)
     loss, _ = _engine_step(m, stage, batch)
     x = batch.views[0]
@@ -313,10 +313,9 @@ def test_settings_and_interface():
     assert for_dataset(LP_AFT, "cifar10") is LP_AFT
     m = _method(LPDemo, torch.float32)
     names = [(s.name, s.epochs, s.optim.lr, s.export) for s in lp_aft_stages(m)]
-    assert names == [("lp-aft-probe", 10, 0.01, False), ("lp-aft-ft1", 2, 0.1, False),
-                     ("lp-aft-ft2", 2, 0.1 * 0.1, False), ("lp-aft", 1, 0.1 * 0.1 ** 2, True)]
+    assert names == [("lp-aft-probe", 10, 0.01, False), ("lp-aft", 5, 0.1, True)]
     assert m.lp_head.out_features == 10 and not m.lp_head.weight.any() and not m.lp_head.weight.requires_grad
-    assert [s.training_step.__self__.post.aft.trades_random_start for s in lp_aft_stages(m)[1:]] == [0.0] * 3
+    assert [s.training_step.__self__.post.aft.trades_random_start for s in lp_aft_stages(m)[1:]] == [0.0]
     other = lp_aft_stages(m, trades_random_start=0.001)[1].training_step.__self__.post.aft
     assert (other.trades_random_start, other.epochs) == (0.001, 5)
     aff = _method(LPDemoAFF, torch.float32)
@@ -388,11 +387,11 @@ def _count_features(monkeypatch):
 @pytest.mark.slow  # about 30 s on 2 cores (three 8-step runs, one in a subprocess)
 def test_pretrain_and_lp_aft_through_the_engine_kill_and_resume(lpdemo, tmp_path, monkeypatch):
     straight = Trainer(_config(tmp_path / "a"))
-    assert [s.name for s in straight.plan.stages] == ["pretrain", "lp-aft-probe", "lp-aft-ft1", "lp-aft"]
+    assert [s.name for s in straight.plan.stages] == ["pretrain", "lp-aft-probe", "lp-aft"]
     assert straight.steps_per_epoch == 2 and straight.total_steps == 8
     straight.fit()
     rows = _rows(tmp_path / "a")
-    assert [r["stage"] for r in rows] == ["pretrain"] * 2 + ["lp-aft-probe"] * 2 + ["lp-aft-ft1"] * 2 + ["lp-aft"] * 2
+    assert [r["stage"] for r in rows] == ["pretrain"] * 2 + ["lp-aft-probe"] * 2 + ["lp-aft"] * 4
     assert [r["lr"] for r in rows[2:]] == [0.01] * 2 + [0.1] * 2 + [0.1 * 0.1] * 2
     assert all("lp_probe_acc" in r for r in rows[2:4]) and all("lp_aft_adv_acc" in r for r in rows[4:])
     m = straight.method
@@ -413,7 +412,7 @@ def test_pretrain_and_lp_aft_through_the_engine_kill_and_resume(lpdemo, tmp_path
     assert all(torch.equal(v, as_[k]) for k, v in fs.items())
     assert not all(torch.equal(v, ps[k]) for k, v in fs.items() if v.is_floating_point())
 
-    # SIGKILL while writing checkpoint 6 (the end of lp-aft-ft1): 5 (inside lp-aft-ft1) is the newest whole one
+    # SIGKILL while writing checkpoint 6: 5 (inside lp-aft) is the newest whole one
     killed = tmp_path / "b"
     env = dict(os.environ, OMP_NUM_THREADS="1", **{KILL_HOOK_ENV: "6:tensors"})
     args = ["--method", "lpdemo", "--dataset", "digits", "--out", str(killed), "--no-progress",
@@ -423,7 +422,7 @@ def test_pretrain_and_lp_aft_through_the_engine_kill_and_resume(lpdemo, tmp_path
     assert list_checkpoints(killed / "checkpoints")[-1].name == "ckpt-000000005.json"
     calls = _count_features(monkeypatch)
     resumed = Trainer(_config(killed), resume=True)
-    assert resumed.step == 5 and resumed.stage.name == "lp-aft-ft1"
+    assert resumed.step == 5 and resumed.stage.name == "lp-aft"
     resumed.fit()
     assert calls == []  # the labels came with the checkpoint
     _assert_same_run(straight, resumed, tmp_path / "a", killed)

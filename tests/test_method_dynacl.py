@@ -263,7 +263,7 @@ def test_dynacl_plus_plus_runs_lp_aft_after_the_exported_pretraining(tmp_path):
     cfg = build_config("dynacl", "dynacl++", "digits", [dict(RUN, out=str(tmp_path), epochs=1, max_steps=3,
                                                              method_options=dict(head_hidden=16, step=1))])
     trainer = Trainer(cfg)
-    assert [s.name for s in trainer.plan.stages] == ["pretrain", "lp-aft-probe", "lp-aft-ft1", "lp-aft-ft2", "lp-aft"]
+    assert [s.name for s in trainer.plan.stages] == ["pretrain", "lp-aft-probe", "lp-aft"]  # AFT: one stage, step lr
     trainer.fit()  # pre-training (2 steps), then the first probe step (pseudo labels from the EMA encoder)
     m = trainer.method
     assert trainer.stage.name == "lp-aft-probe" and m.lp_labels.ready

@@ -167,7 +167,7 @@ def test_schedule_shape():
     const = [lr_at(s, base, total, warmup, start, floor, "constant") for s in range(total)]
     assert const[:warmup] == lrs[:warmup] and set(const[warmup:]) == {base}
     with pytest.raises(ValueError, match="schedule"):
-        lr_at(0, base, total, schedule="step")
+        lr_at(0, base, total, schedule="linear")  # not a schedule advfast has
 
 
 def test_scheduler_follows_lr_at_per_group_and_resumes():

@@ -37,10 +37,9 @@ one, as the README's LP-AFT input ``model_encoder_k.pt``):
    mode (KL(p(x) || p(x')) summed, 10 steps of 2/255 in 8/255, start x itself for LP-AFT, x + 0.001 N(0, 1)
    for LP-AFF), the loss CE + 6 KL / B in train mode, natural and adversarial forwards separately (their own
    BN batch statistics, as the scripts); SGD lr 0.1 mom 0.9 wd 1e-4, x0.1 after epochs 10 and 20. The
-   engine has no multi-step schedule, so the AFT runs as one stage per constant-lr piece:
-   ``<name>-ft1`` (10 epochs, 0.1), ``<name>-ft2`` (10, 0.01), ``<name>`` (5, 0.001). Deviation: each stage
-   builds a fresh optimiser, so SGD's momentum buffer restarts at the two lr steps (the script keeps it).
-   The last piece exports the encoder to ``<run>/stages/<name>/``; it is also the run's ``encoder.safetensors``
+   AFT is one stage ``<name>`` (optim.schedule=step every 10 epochs, per epoch: MultiStepLR([10, 20]) over
+   25 epochs), one optimiser throughout as the script.
+   It exports the encoder to ``<run>/stages/<name>/``; it is also the run's ``encoder.safetensors``
    (method.encoder after the last stage, its eval branch "pgd"): the encoder the leaderboard's "++" rows
    evaluate. Pre-training's export stays in ``<run>/stages/pretrain/``.
    LP-AFT trains the 'pgd' route as the script's single-BN network: the "normal" BN parameters are frozen
@@ -72,8 +71,7 @@ from advfast.config import OptimConfig
 from advfast.data.presets import PRESETS
 from advfast.losses.trades import trades_loss
 from advfast.methods.hooks import Stage
-from advfast.methods.lp_post_settings import (POST_PROCESSING, PostProcessing, for_dataset, lr_segments,
-                                              num_clusters)
+from advfast.methods.lp_post_settings import POST_PROCESSING, PostProcessing, for_dataset, num_clusters
 from advfast.methods.lp_pseudo_labels import cluster_pseudo_labels
 from advfast.ops.dtypes import upcast
 
@@ -211,12 +209,8 @@ class LPPostProcess:
         out = [Stage(f"{name}-probe", p.epochs, self.probe_step, optim=probe_optim,
                      parameters=lambda: list(self.method.lp_head.parameters()), on_start=self.start_probe,
                      on_epoch_start=self.epoch_start)]
-        pieces = lr_segments(a)
-        for i, (epochs, lr) in enumerate(pieces):
-            last = i == len(pieces) - 1
-            out.append(Stage(name if last else f"{name}-ft{i + 1}", epochs, self.aft_step,
-                             optim=_sgd(lr, a.momentum, a.weight_decay), parameters=self.aft_parameters,
-                             on_start=self.start_aft, on_epoch_start=self.epoch_start, export=last))
+        out.append(Stage(name, a.epochs, self.aft_step, optim=_step_sgd(a), parameters=self.aft_parameters,
+                         on_start=self.start_aft, on_epoch_start=self.epoch_start, export=True))
         return out
 
     def epoch_start(self, epoch: int) -> None:
@@ -304,6 +298,16 @@ class LPPostProcess:
 def _sgd(lr: float, momentum: float, weight_decay: float) -> OptimConfig:
     return OptimConfig(name="sgd", lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=False,
                        schedule="constant", warmup_epochs=0.0)
+
+
+def _step_sgd(a) -> OptimConfig:
+    """The AFT's SGD with MultiStepLR(milestones, 0.1) stepped per epoch, as torch StepLR: the milestones
+    are multiples of the first one (10, 20 in 25 epochs; 2, 4 in digits' 5)."""
+    every = a.milestones[0] if a.milestones else a.epochs
+    if tuple(a.milestones) != tuple(range(every, a.epochs, every)):
+        raise ValueError(f"the AFT's lr milestones {a.milestones} are not every {every} epochs up to {a.epochs}")
+    return OptimConfig(name="sgd", lr=a.lr, momentum=a.momentum, weight_decay=a.weight_decay, nesterov=False,
+                       schedule="step", step_every="epoch", step_epochs=every, gamma=0.1, warmup_epochs=0.0)
 
 
 def trades_attack(target_logits, adv_logits, x: torch.Tensor, eps: float, alpha: float, steps: int,

@@ -71,9 +71,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, steps_pe
                              f"got {cfg.warmup_epochs}")
         return WarmupCosineLR(optimizer, int(epochs), int(min(cfg.warmup_epochs, epochs)), cfg.warmup_start_lr,
                               cfg.min_lr, cfg.schedule, warmup_point=cfg.warmup_point,
-                              steps_per_unit=int(steps_per_epoch))
+                              steps_per_unit=int(steps_per_epoch), step_units=cfg.step_epochs, gamma=cfg.gamma)
     total = int(steps_per_epoch) * int(epochs)
     # cut to the run before scaling: 1e308 epochs of warmup times the steps would overflow
     warmup = min(total, int(round(min(cfg.warmup_epochs, epochs) * steps_per_epoch)))
     return WarmupCosineLR(optimizer, total, warmup, cfg.warmup_start_lr, cfg.min_lr, cfg.schedule,
-                          warmup_point=cfg.warmup_point)
+                          warmup_point=cfg.warmup_point, step_units=cfg.step_epochs * int(steps_per_epoch),
+                          gamma=cfg.gamma)

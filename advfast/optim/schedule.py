@@ -35,12 +35,13 @@ import math
 
 from torch.optim.lr_scheduler import LRScheduler
 
-SCHEDULES = ("cosine", "constant")
+SCHEDULES = ("cosine", "constant", "step")
 WARMUP_POINTS = ("start", "end")
 
 
 def lr_at(step: int, base_lr: float, total_steps: int, warmup_steps: int = 0, warmup_start_lr: float = 0.0,
-          min_lr: float = 0.0, schedule: str = "cosine", warmup_point: str = "start") -> float:
+          min_lr: float = 0.0, schedule: str = "cosine", warmup_point: str = "start", step_units: int = 0,
+          gamma: float = 0.1) -> float:
     """Learning rate of iteration ``step`` (0-based); past ``total_steps`` it stays at the end value.
     ``warmup_point``: warmup step i runs at the linear ramp's value at its start (i / warmup) or its end
     ((i + 1) / warmup)."""
@@ -50,11 +51,15 @@ def lr_at(step: int, base_lr: float, total_steps: int, warmup_steps: int = 0, wa
         raise ValueError(f"warmup_point must be one of {WARMUP_POINTS}, got {warmup_point!r}")
     if step < 0 or total_steps < 0 or warmup_steps < 0:
         raise ValueError(f"step, total_steps and warmup_steps must be >= 0, got {step}, {total_steps}, {warmup_steps}")
+    if schedule == "step" and step_units < 1:
+        raise ValueError(f"schedule 'step' needs step_units >= 1 (the units between lr steps), got {step_units}")
     if step < warmup_steps:
         done = step + 1 if warmup_point == "end" else step
         return warmup_start_lr + (base_lr - warmup_start_lr) * done / warmup_steps
     if schedule == "constant":
         return base_lr
+    if schedule == "step":  # torch StepLR: x gamma every step_units units after the warmup
+        return base_lr * gamma ** ((step - warmup_steps) // step_units)
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
@@ -68,7 +73,7 @@ class WarmupCosineLR(LRScheduler):
 
     def __init__(self, optimizer, total_steps: int, warmup_steps: int = 0, warmup_start_lr: float = 0.0,
                  min_lr: float = 0.0, schedule: str = "cosine", last_epoch: int = -1, warmup_point: str = "start",
-                 steps_per_unit: int = 1):
+                 steps_per_unit: int = 1, step_units: int = 0, gamma: float = 0.1):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if warmup_point not in WARMUP_POINTS:
@@ -85,6 +90,9 @@ class WarmupCosineLR(LRScheduler):
         self.schedule = schedule
         self.warmup_point = warmup_point
         self.steps_per_unit = steps_per_unit
+        if schedule == "step" and step_units < 1:
+            raise ValueError(f"schedule 'step' needs step_units >= 1, got {step_units}")
+        self.step_units, self.gamma = int(step_units), float(gamma)
         super().__init__(optimizer, last_epoch)
 
     def get_lr(self):
@@ -94,5 +102,5 @@ class WarmupCosineLR(LRScheduler):
         for base in self.base_lrs:
             scale = base / ref if ref else 1.0
             lrs.append(lr_at(unit, base, self.total_steps, self.warmup_steps, self.warmup_start_lr * scale,
-                             self.min_lr * scale, self.schedule, self.warmup_point))
+                             self.min_lr * scale, self.schedule, self.warmup_point, self.step_units, self.gamma))
         return lrs
