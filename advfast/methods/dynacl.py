@@ -49,6 +49,7 @@ class DynACL(ACL):
     default_variant = "dynacl"
     augment_preset = strength_views(1.0, "bilinear")  # epoch 1's views; on_epoch_start sets each epoch's
     benchmarked = in_digits_table = True
+    digits_table_rows = {"dynacl++": ("method.post_process=lp-aft",)}  # its LP-AFT output is the '++' row
     attack_graph_setups = {"dynacl": {}}  # method.air=true attacks exactly as acl-air (ACL's attack_both)
     # method.air=true: AIR's --DynAug (ACL.preset_for gives air_preset(dataset, dyn_aug=True), ACL's AIR path
     # anneals the strength and w per epoch)
