@@ -31,6 +31,23 @@ if not hasattr(_official, "official_select"):
 _data, _model, official_select = _official._data, _official._model, _official.official_select
 
 pytestmark = pytest.mark.filterwarnings("ignore:reduction. 'mean' divides:UserWarning")
+_LOADED = {}
+
+
+@pytest.fixture(autouse=True)
+def _digits_loaded_once(monkeypatch):
+    """The Trainers of this file load the same digits split at 8 px: load it once (the Trainer only reads it)."""
+    import advfast.data
+
+    real = advfast.data.load_dataset
+
+    def cached(name, root=None, split="train", download=False, **kw):
+        key = (name, root, split, download, tuple(sorted(kw.items())))
+        if key not in _LOADED:
+            _LOADED[key] = real(name, root, split, download, **kw)
+        return _LOADED[key]
+
+    monkeypatch.setattr(advfast.data, "load_dataset", cached)
 
 
 class _Batches:
@@ -138,9 +155,11 @@ def test_refusals():
         validate(build_config("acl", None, "digits", [{"coreset": "rcs", "rcs": {"warmup_epochs": 4}}]))
     with pytest.raises(ValueError, match="rcs.fraction must be"):
         validate(build_config("acl", None, "digits", [{"coreset": "rcs", "rcs": {"fraction": 0}}]))
-    cfg = build_config("acl", "a2s", "digits", [dict(SMALL, out="/tmp/never-written-rcs")])
-    with pytest.raises(ValueError, match="ACL-DS's dual BN only"):
-        Trainer(cfg)
+    from advfast.methods.acl import ACL
+
+    for variant, options in (("a2s", {}), ("a2a", {}), ("ds", {"dual_bn": False})):  # RCS is ACL-DS's, dual BN
+        cfg = build_config("acl", variant, "digits", [dict(SMALL, method_options=dict(head_hidden=16, **options))])
+        assert ACL(cfg, 10, (0.5,) * 3, (0.25,) * 3).coreset_objective() is None
     assert build_config("acl", None, "digits").rcs.warmup_epochs == 3  # digits preset
     assert build_config("acl", None, "cifar10").rcs.warmup_epochs == 100
 
@@ -168,6 +187,7 @@ def _record_batches(trainer):
     return seen
 
 
+@pytest.mark.slow  # 28 training steps of 256 images and 2 selections: 30-45 s on 2 busy cores
 def test_trains_on_selection_and_resumes_bit_exact(tmp_path, capsys):
     straight = Trainer(_cfg(tmp_path / "a"))
     assert straight.total_steps == 14 and straight.layout == EpochLayout(5, 2, 2)
@@ -266,6 +286,10 @@ def test_full_pool_as_dynacl_rcs(tmp_path, monkeypatch):
     assert trainer.loader.subset is None and trainer.loader.num_images() == 1438
     trainer._coreset_epoch(2)
     assert trainer.coreset.selected_at == 2 and trainer.loader.num_images() == 512 and len(trainer.loader) == 2
+    monkeypatch.setattr(ACL, "coreset_objective", declared)
+    with pytest.raises(ValueError, match="ACL-DS's dual BN only"):  # the Trainer refuses, before any file is written
+        Trainer(build_config("acl", "a2s", "digits", [dict(SMALL, out=str(tmp_path / "a2s"))]))
+    assert not (tmp_path / "a2s").exists()
 
 
 @pytest.mark.slow
