@@ -290,6 +290,8 @@ def test_full_pool_as_dynacl_rcs(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="ACL-DS's dual BN only"):  # the Trainer refuses, before any file is written
         Trainer(build_config("acl", "a2s", "digits", [dict(SMALL, out=str(tmp_path / "a2s"))]))
     assert not (tmp_path / "a2s").exists()
+    with pytest.raises(ValueError, match="less than one selection batch of 256"):  # 5% of 1423 < 256
+        Trainer(_cfg(tmp_path / "small", rcs=dict(fraction=0.05)))
 
 
 @pytest.mark.slow

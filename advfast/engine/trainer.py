@@ -182,8 +182,9 @@ class Trainer:
                              f"images); use --batch-size {len(dataset)} or less")
         self.dataset = dataset
         backend = cfg.augment_backend if cfg.augment_backend != "auto" else "torch"
-        # views may depend on the variant (moco v1 vs v2): Method.augment_for
-        self.augment = build_augment(cls.augment_for(cfg.variant), backend=backend, size=cfg.image_size)
+        # views may depend on the variant (moco v1 vs v2) and the options (AIR's un-augmented third view)
+        self.augment = build_augment(cls.augment_for(cfg.variant, cfg.method_options), backend=backend,
+                                     size=cfg.image_size)
         world = self.dist.world_size
         if cfg.batch_size % world:  # batch_size is the global batch: steps per epoch do not depend on world
             raise ValueError(f"batch_size {cfg.batch_size} (the global batch) is not divisible by the {world} ranks; "
@@ -239,20 +240,19 @@ class Trainer:
         select_from = pool if objective.pool == "holdout" else None
         self.loader.set_subset(select_from)
         self.steps_per_epoch = len(self.loader)
-        chooser = DeviceLoader(self.dataset, settings.batch_size, self.augment, self.device,
-                               seed=mix_seed(cfg.seed, 0x53454C), rank=0, world_size=1) \
-            if settings.batch_size <= (len(select_from) if select_from is not None else len(self.dataset)) else None
-        if chooser is not None:
-            chooser.set_subset(select_from)
         n_pool = len(select_from) if select_from is not None else len(self.dataset)
-        k = settings.num_batches(n_pool)
+        k = settings.num_batches(n_pool)  # greedy picks of whole selection batches: the coreset is k of them
         world, local = self.dist.world_size, cfg.batch_size // self.dist.world_size
         core_steps = (k * settings.batch_size // world) // local
-        if chooser is None or k < 1 or core_steps < 1:
+        if k < 1 or core_steps < 1:
             raise ValueError(f"coreset=rcs: rcs.fraction {settings.fraction} of the {n_pool}-image pool is "
                              f"{int(n_pool * settings.fraction)} images, less than one selection batch of "
                              f"{settings.batch_size} or one training batch of {cfg.batch_size}; raise rcs.fraction "
                              f"or lower rcs.batch_size")
+        # every rank selects alike over the whole pool (world 1, the selection batch), its own seed stream
+        chooser = DeviceLoader(self.dataset, settings.batch_size, self.augment, self.device,
+                               seed=mix_seed(cfg.seed, 0x53454C), rank=0, world_size=1)
+        chooser.set_subset(select_from)
         images = self.dataset.images.index_select(0, val).to(self.device).float().div_(255)
         size = self._image_size()
         val_x = val_rows_as_coded(resize(images, (size, size)), settings.batch_size)
