@@ -284,18 +284,17 @@ class DeACL(Method):
     def _stage_export_teacher(self) -> nn.Module:
         from advfast.models.export import load_encoder
 
-        where = Path(self.cfg.out) / "stages" / "teacher"
+        where = Path(self.cfg.out) / "stages" / "teacher"  # the engine's stage export (advfast.engine.rundir.STAGES)
         try:
             encoder, meta = load_encoder(where)
         except (FileNotFoundError, ValueError) as e:
             raise ValueError(f"deacl: the in-run teacher {where} cannot be loaded ({str(e).splitlines()[0]}); the "
                              f"teacher stage's export is needed to resume distillation") from None
         self._check_teacher_fits(encoder, where)
-        device = next(self.backbone.parameters()).device
-        teacher = encoder.to(device)
-        if next(self.backbone.parameters()).is_contiguous(memory_format=torch.channels_last) and \
-                next(self.backbone.parameters()).dim() == 4:
-            teacher = teacher.to(memory_format=torch.channels_last)
+        conv = next(p for p in self.backbone.parameters() if p.dim() == 4)
+        teacher = encoder.to(conv.device)
+        if not conv.is_contiguous() and conv.is_contiguous(memory_format=torch.channels_last):
+            teacher = teacher.to(memory_format=torch.channels_last)  # as the engine laid out the student
         return freeze_teacher(teacher)
 
     def _init_student(self) -> None:
