@@ -97,8 +97,9 @@ def test_contrastive_loss_is_official_supcon(tmp_path, b, dim):
 def test_training_loss_is_the_official_recipe(tmp_path):
     m, _ = _synthetic_method(tmp_path)
     _, labels = _labels_file(tmp_path)
-    m.train()
+    m.double().train()  # float64 throughout: embed, the HFC view and the pseudo-label CE keep the model's dtype
     batch = _batch()
+    batch = Batch([v.double() for v in batch.views], batch.labels, batch.indices)
     x1, x2, org = batch.views
     x_cl = (org + 0.03 * torch.randn_like(org).sign()).clamp(0, 1)
     x_ce = (org - 0.03 * torch.randn_like(org).sign()).clamp(0, 1)
@@ -107,15 +108,16 @@ def test_training_loss_is_the_official_recipe(tmp_path):
     with torch.no_grad():  # train mode: each separate forward depends only on its own batch
         def z(x, branch):
             return F.normalize(m.head(m.backbone(x, branch), branch).double(), dim=1)
-        hfc = generate_high_official(org, 8 * 8 / 32).float()
+        hfc = generate_high_official(org, 8 * 8 / 32)
         feats = torch.stack([z(x_cl, "pgd"), z(x1, "normal"), z(x2, "normal"), z(hfc, "normal")], dim=1)
         h_ce = m.backbone(x_ce, "pgd_ce").double()
         ce = sum(F.cross_entropy(h_ce @ m.cluster_heads[f"fc_{k:03d}"].weight.double().T
                                  + m.cluster_heads[f"fc_{k:03d}"].bias.double(), labels[k][batch.indices])
                  for k in KS) / len(KS)
         expected = supcon_loss_official(feats) + 0.2 * ce
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert metrics["loss_pseudo_ce"].item() == pytest.approx(ce.item(), rel=1e-5)
+    assert loss.dtype == torch.float64
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-10)
+    assert metrics["loss_pseudo_ce"].item() == pytest.approx(ce.item(), rel=1e-10)
 
 
 def test_hfc_view_comes_from_the_clean_original_view(tmp_path):

@@ -14,11 +14,12 @@ import torch
 
 
 @functools.lru_cache(maxsize=32)
-def high_pass_mask(h: int, w: int, radius: float, device: torch.device) -> torch.Tensor:
-    """(H, W) float32: 0 inside the low-frequency disc, 1 outside."""
+def high_pass_mask(h: int, w: int, radius: float, device: torch.device,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(H, W) of ``dtype``: 0 inside the low-frequency disc, 1 outside."""
     i = torch.arange(h, device=device, dtype=torch.float32)[:, None] - h // 2
     j = torch.arange(w, device=device, dtype=torch.float32)[None, :] - w // 2
-    return ((i * i + j * j).sqrt() >= radius).to(torch.float32)
+    return ((i * i + j * j).sqrt() >= radius).to(dtype)
 
 
 def high_frequency(x: torch.Tensor, radius: float = 8) -> torch.Tensor:
@@ -30,7 +31,9 @@ def high_frequency(x: torch.Tensor, radius: float = 8) -> torch.Tensor:
     h, w = x.shape[-2:]
     # inside a CUDA graph capture the mask's kernels run only at replay: never cache it there
     build = high_pass_mask.__wrapped__ if x.is_cuda and torch.cuda.is_current_stream_capturing() else high_pass_mask
-    mask = build(int(h), int(w), float(radius), x.device)
-    spec = torch.fft.fftshift(torch.fft.fft2(x.float()), dim=(-2, -1)) * mask
+    # float32 FFT for float32/16 images (as the official code); a float64 input stays float64 (exact checks)
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    mask = build(int(h), int(w), float(radius), x.device, work)
+    spec = torch.fft.fftshift(torch.fft.fft2(x.to(work)), dim=(-2, -1)) * mask
     out = torch.fft.ifft2(torch.fft.ifftshift(spec, dim=(-2, -1))).real
     return out.to(x.dtype)
