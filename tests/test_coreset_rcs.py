@@ -272,21 +272,16 @@ def test_selection_reads_back_once_whatever_the_batch_count():
     assert counts[0] == counts[1] <= 1, counts
 
 
-def test_full_pool_as_dynacl_rcs(tmp_path, monkeypatch):
-    """pool="full" (DynACL_RCS.py): the full-data epochs and the selection draw from the whole set (the
-    validation images included, as coded); checked through ACL's declaration switched to the full pool."""
-    from advfast.methods.acl import ACL
-
-    declared = ACL.coreset_objective
-    monkeypatch.setattr(ACL, "coreset_objective",
-                        lambda self: dataclasses.replace(declared(self), pool="full"))
-    trainer = Trainer(_cfg(tmp_path / "full", epochs=3))
+def test_full_pool_as_dynacl_rcs(tmp_path):
+    """pool="full" (DynACL_RCS.py, DynACL's declaration): the full-data epochs and the selection draw from the
+    whole set (the validation images included, as coded)."""
+    trainer = Trainer(build_config("dynacl", None, "digits", [dict(SMALL, out=str(tmp_path / "full"), epochs=3)]))
+    assert trainer.method.coreset_objective().pool == "full"
     assert trainer.steps_per_epoch == 1438 // 256 and trainer.coreset.chooser.num_images() == 1438
     trainer._coreset_epoch(0)
     assert trainer.loader.subset is None and trainer.loader.num_images() == 1438
     trainer._coreset_epoch(2)
     assert trainer.coreset.selected_at == 2 and trainer.loader.num_images() == 512 and len(trainer.loader) == 2
-    monkeypatch.setattr(ACL, "coreset_objective", declared)
     with pytest.raises(ValueError, match="ACL-DS's dual BN only"):  # the Trainer refuses, before any file is written
         Trainer(build_config("acl", "a2s", "digits", [dict(SMALL, out=str(tmp_path / "a2s"))]))
     assert not (tmp_path / "a2s").exists()

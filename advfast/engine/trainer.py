@@ -79,7 +79,11 @@ def check_attack_graphs(device: torch.device, distributed_run: bool) -> None:
 
 def build_config(method: str, variant: str | None = None, dataset: str = "digits",
                  overrides: list[dict[str, Any]] = ()) -> TrainConfig:
-    """TrainConfig defaults <- the method's preset for ``dataset`` <- each dict of ``overrides`` in turn."""
+    """TrainConfig defaults <- the method's preset for ``dataset`` <- each dict of ``overrides`` in turn.
+
+    The preset may depend on the method options the overrides give (``Method.preset_for``: e.g. AIR's or
+    A-InfoNCE's own schedules when ``method.air`` / ``method.asymmetric`` is set); those options still win
+    over any the preset sets."""
     from advfast.config import apply_overrides
     from advfast.methods.coreset_rcs import rcs_preset
 
@@ -88,7 +92,11 @@ def build_config(method: str, variant: str | None = None, dataset: str = "digits
     # the engine option coreset=rcs: its schedule per dataset (official on CIFAR, scaled on digits); unused
     # unless coreset=rcs, and under the method's preset and the overrides
     apply_overrides(cfg, {"rcs": rcs_preset(dataset)}, "coreset preset")
-    apply_overrides(cfg, cls.preset(dataset, variant), f"preset of {method}")
+    given: dict[str, Any] = {}
+    for o in overrides:
+        if isinstance(o, dict) and isinstance(o.get("method_options"), dict):
+            given.update(o["method_options"])
+    apply_overrides(cfg, cls.preset_for(dataset, variant, given), f"preset of {method}")
     for o in overrides:
         apply_overrides(cfg, o)
     if (cfg.method, cfg.variant, cfg.dataset) != (method, variant, dataset):

@@ -100,7 +100,7 @@ class ACL(SimCLR):
     attack_graph_setups = {"acl": {}, "acl-a2s": {"variant": "a2s"},
                            "acl-air": {"method_options": {"air": True}, "views": 3}}
     preset_options = {"air": (True,)}  # AIR's own script (air_preset)
-    digits_table_rows = {"acl-air": ("method.air=true",)}
+    digits_table_rows = {"acl-air": ("method.air=true",), "acl-rcs": ("coreset=rcs",)}
     # AIR's --DynAug: the strength (and w) annealed per epoch; False: ACL-AIR (s = 1, w = 0). DynACL sets True.
     dyn_aug: ClassVar[bool] = False
 

@@ -42,6 +42,8 @@ class Method(nn.Module):
     # ---- per-method declarations, read outside methods/ (docs/adding_a_method.md, section 6) ---------------
     benchmarked: ClassVar[bool] = False  # in advfast-bench's method list (needs iteration_passes)
     in_digits_table: ClassVar[bool] = False  # a row of examples/digits_table.py
+    # more rows of that table for the method with options set: row name -> advfast-train --set items
+    digits_table_rows: ClassVar[dict[str, tuple[str, ...]]] = {}
     queue_options: ClassVar[tuple[str, ...]] = ()  # method.* queue lengths advfast-bench's CPU sizes shrink
     # tests/test_attack_graphs.py: setup name -> {"variant", "method_options", "attack", "views"} (all optional)
     attack_graph_setups: ClassVar[dict[str, dict]] = {}
@@ -66,10 +68,22 @@ class Method(nn.Module):
         (or a small, fast setting for the digits demo)."""
         return {}
 
+    # option values that select another preset (preset_for), shown by --list: {"air": (True,)}
+    preset_options: ClassVar[dict[str, tuple]] = {}
+
     @classmethod
-    def augment_for(cls, variant: str | None):
+    def preset_for(cls, dataset: str, variant: str | None, options: dict[str, Any]) -> dict[str, Any]:
+        """The preset for ``dataset`` and ``variant`` given the method options the user set (raw values, as
+        given: coerce before reading them). Override when an option selects other official settings (its
+        own script's lr, epochs or schedule); declare those options in ``preset_options``. Default: the
+        options do not matter."""
+        return cls.preset(dataset, variant)
+
+    @classmethod
+    def augment_for(cls, variant: str | None, options: dict[str, Any] | None = None):
         """The data preset (or custom views) producing this method's views for ``variant``; the
-        engine builds the augmentation from it. Override when the views depend on the variant."""
+        engine builds the augmentation from it. Override when the views depend on the variant or on
+        ``options``: the raw ``method_options`` the run gives (None where they are not known, as in --list)."""
         return cls.augment_preset
 
     @classmethod

@@ -183,6 +183,16 @@ class DynACL(ACL):
         return loss, {"loss_clean": loss_clean.detach(), "loss_adv": loss_adv.detach()}
 
     # ---- stages and export ----------------------------------------------------------------------------
+    def coreset_objective(self):
+        """coreset=rcs (DynACL_RCS.py): ACL's NT-Xent (no DynACL weight, as coded), the projection head and dual
+        BN; the coreset drawn from the full training set (the validation images included, as coded), with the
+        epoch's strength views. None (refused) without dual BN."""
+        from advfast.methods.coreset_rcs import CoresetObjective
+
+        if not self.dual:
+            return None
+        return CoresetObjective(self.backbone, self.head, "normal", "pgd", self.temperature, pool="full")
+
     def stages(self):
         """Pre-training; DynACL++ (-AIR++): its export, then the LP-AFT (LP-AFF) stages, whose last output is
         the run's encoder.safetensors (the leaderboard's "++" rows)."""
