@@ -4,7 +4,6 @@ epoch layout and the LR schedule in epoch units, training only on the selection,
 selection, the refusals, and the CLI (advfast-train then advfast-eval)."""
 
 import copy
-import dataclasses
 import importlib.util
 import json
 import math

@@ -43,7 +43,7 @@ def make(epochs=1000, **options):
     cfg = TrainConfig(method="dynacl")
     apply_overrides(cfg, DynACL.preset("digits"))
     cfg.epochs, cfg.image_size = epochs, 8
-    cfg.method_options.update(head_hidden=16, **options)
+    cfg.method_options.update(head_hidden=16, **{"ema_momentum": 0.99, **options})  # the official momentum
     method = DynACL(cfg, 10, (0.5,), (0.25,))
     method.augment = build_augment(DynACL.augment_for(None), backend="torch", size=8)
     return method
@@ -75,6 +75,10 @@ def test_digits_preset_steps_every_two_epochs():
     cfg = build_config("dynacl", None, "digits", [dict(out="/tmp/unused")])
     assert cfg.method_options["step"] == 2 and cfg.epochs == 10
     m = DynACL(cfg, 10, (0.5,), (0.25,))
+    # the EMA view encoder averages over ~one digits epoch (0.9); CIFAR keeps the official 0.99
+    assert m.options.ema_momentum == 0.9 and 0.9 ** (10 * (1438 // 128)) < 1e-4
+    assert "ema_momentum" not in build_config("dynacl", None, "cifar10", [dict(out="/tmp/u")]).method_options
+    assert DynACL.Options().ema_momentum == 0.99
     m.augment = build_augment(DynACL.augment_for(None), backend="torch", size=16)
     strengths = []
     for e0 in range(10):
