@@ -198,10 +198,25 @@ def test_ema_view_off_is_plain_acl_ds_forwards_and_options_are_checked():
     for options, match in [(dict(loss_weight_adv=2.0), "loss_weight_adv is ACL's"),
                            (dict(weight_schedule="paper"), "weight_schedule must be 'dynacl' or 'aligned'"),
                            (dict(ema_momentum=1.5), "ema_momentum must be in"),
-                           (dict(step=0), "step must be >= 1")]:
+                           (dict(step=0), "step must be >= 1"),
+                           (dict(lp_trades_random_start=0.001), "add --variant dynacl\\+\\+"),
+                           (dict(post_process="lp-aft", lp_attack_target="pgd"), "lp_attack_target is LP-AFF's"),
+                           (dict(post_process="lp-aff", lp_attack_target="both"), "lp_attack_target must be")]:
         cfg = build_config("dynacl", None, "digits", [dict(out="/tmp/unused", method_options=options)])
         with pytest.raises(ValueError, match=match):
             validate(cfg)
+
+
+def test_post_processing_flags_reach_the_stages(monkeypatch):
+    import advfast.methods.lp_post_stage as lp
+
+    seen = {}
+    monkeypatch.setattr(lp, "lp_aft_stages", lambda m, **kw: seen.setdefault("aft", kw) and [])
+    monkeypatch.setattr(lp, "lp_aff_stages", lambda m, **kw: seen.setdefault("aff", kw) and [])
+    make(post_process="lp-aft", lp_trades_random_start=0.001).stages()
+    make(post_process="lp-aff", lp_attack_target="pgd").stages()
+    assert seen["aft"] == {"trades_random_start": 0.001}
+    assert seen["aff"] == {"trades_random_start": None, "attack_target_branch": "pgd"}
 
 
 def test_air_defers_to_acls_air_path_with_dynamic_augmentation():

@@ -75,6 +75,10 @@ class DynACL(ACL):
         weight_schedule: str = option("dynacl", choices=("dynacl", "aligned"))
         # lp-aft: DynACL++ (LPAFT.py); lp-aff: DynACL-AIR++ (LP-AFF.py); variant dynacl++ picks the base's
         post_process: str = option("none", choices=("none", "lp-aft", "lp-aff"))
+        # the post-processing's TRADES start: None as coded (LP-AFT: x itself; LP-AFF: 0.001 Gaussian), else its std
+        lp_trades_random_start: float | None = option(None, low=0, high=1, rule="in [0, 1] (None: as coded)")
+        # LP-AFF's attack KL target branch: None as coded (AIR's 'normal'), "pgd" as PKU-ML/DYNACL's trades_loss_dual
+        lp_attack_target: str | None = option(None, choices=("normal", "pgd"))
 
     def __init__(self, cfg, num_classes: int, mean, std):
         super().__init__(cfg, num_classes, mean, std)
@@ -122,6 +126,14 @@ class DynACL(ACL):
                 if getattr(options, name) != getattr(defaults, name):
                     raise ValueError(f"method.{name} is PKU DynACL's and does not apply with method.air=true; "
                                      f"drop it")
+        post = options.post_process != "none" or cfg.variant == "dynacl++"
+        if not post and (options.lp_trades_random_start is not None or options.lp_attack_target is not None):
+            raise ValueError("method.lp_trades_random_start / method.lp_attack_target set the post-processing "
+                             "stages: add --variant dynacl++ (or method.post_process=lp-aft|lp-aff), or drop them")
+        lp_aff = options.post_process == "lp-aff" or (options.post_process == "none" and getattr(options, "air", False))
+        if options.lp_attack_target is not None and not lp_aff:
+            raise ValueError("method.lp_attack_target is LP-AFF's (DynACL-AIR++: method.air=true or "
+                             "method.post_process=lp-aff); LP-AFT attacks its single-BN network: drop it")
 
     # ---- presets --------------------------------------------------------------------------------------
     @classmethod
@@ -205,8 +217,12 @@ class DynACL(ACL):
             return super().stages()
         from advfast.methods.lp_post_stage import lp_aff_stages, lp_aft_stages
 
-        post_stages = lp_aft_stages if self.post_process == "lp-aft" else lp_aff_stages
-        return [self.main_stage(export=True)] + post_stages(self)
+        start = self.options.lp_trades_random_start
+        if self.post_process == "lp-aft":
+            post = lp_aft_stages(self, trades_random_start=start)
+        else:
+            post = lp_aff_stages(self, trades_random_start=start, attack_target_branch=self.options.lp_attack_target)
+        return [self.main_stage(export=True)] + post
 
     @property
     def encoder(self):
