@@ -47,7 +47,7 @@ def test_count_flops_sees_input_only_and_full_backward():
 # the pass counts as bench/flops.py's table wrote them before each method declared its own (issue 15):
 # (count at 0 attack steps, count added per step)
 PASSES_BEFORE = {"simclr": (6, 0), "moco": (4, 0), "acl": (12, 4), "amoc": (8, 3), "moco-adv": (4, 2),
-                 "advcl": (18, 4), "rocl": (15, 4)}
+                 "advcl": (18, 4), "rocl": (15, 4), "dynacl": (8, 4), "deacl": (7, 2)}
 
 
 def test_benchmarked_methods_and_their_pass_counts_are_declared_by_the_methods():
