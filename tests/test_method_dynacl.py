@@ -322,3 +322,15 @@ def test_strength_views_reach_the_backend(backend):
     # the batches themselves: weak views stay close to the image, strong ones do not
     gap = lambda views: (views[0].float() - x).abs().mean().item()  # noqa: E731
     assert gap(late) < 0.5 * gap(early), (gap(late), gap(early))
+
+
+def test_compile_covers_the_trained_encoder_and_its_ema_copy(tmp_path):
+    # the step runs view 1 through the trained encoder and view 2 through the EMA copy: compile=true compiles both
+    cfg = build_config("dynacl", None, "digits", [dict(RUN, out=str(tmp_path / "c"), compile=True,
+                                                       compile_backend="eager")])
+    trainer = Trainer(cfg)
+    m = trainer.method
+    assert [t is x for t, x in zip(m.compile_targets(), (m.backbone, m.ema.encoder))] == [True, True]
+    assert all(getattr(t, "_compiled_call_impl", None) is not None for t in m.compile_targets())
+    plain = make(ema_view=False)
+    assert len(plain.compile_targets()) == 1 and plain.compile_targets()[0] is plain.backbone

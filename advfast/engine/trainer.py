@@ -213,7 +213,8 @@ class Trainer:
             distributed.convert_sync_bn(method, self.device)
         self.method = method
         if cfg.compile:  # one compiled variant per BN branch and mode: advfast.models.compiled
-            advfast.models.compile_encoder(self.method.encoder, backend=cfg.compile_backend)
+            for encoder in self.method.compile_targets():
+                advfast.models.compile_encoder(encoder, backend=cfg.compile_backend)
         if cfg.cuda_graph_attack:
             self.method.attack_graphs = AttackGraphs()
         self.method.augment = self.augment  # on_epoch_start may change the views

@@ -195,6 +195,11 @@ class Method(nn.Module):
         that do not override it refuse ``coreset=rcs`` at config validation."""
         return None
 
+    def compile_targets(self) -> tuple[nn.Module, ...]:
+        """The encoders ``compile=true`` compiles (in place): those the training step runs. Default: the
+        exported ``encoder``; override when the step runs others (DynACL: the trained encoder and its EMA copy)."""
+        return (self.encoder,)
+
     def trainable_parameters(self):
         """Parameters the optimiser updates (momentum encoders excluded)."""
         return [p for p in self.parameters() if p.requires_grad]

@@ -224,6 +224,10 @@ class DynACL(ACL):
             post = lp_aff_stages(self, trades_random_start=start, attack_target_branch=self.options.lp_attack_target)
         return [self.main_stage(export=True)] + post
 
+    def compile_targets(self):
+        # the step runs both: view 1 through the trained encoder, view 2 through the EMA copy (the export)
+        return (self.backbone, self.ema.encoder) if self.uses_ema else (self.backbone,)
+
     @property
     def encoder(self):
         """The EMA encoder with the EMA view (the official validation and ``model_encoder_k.pt``), else
