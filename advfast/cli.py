@@ -231,7 +231,8 @@ def _fmt(v, key: str = "") -> str:
 
 def list_methods(file=None) -> None:
     from advfast.config import TrainConfig, to_dict
-    from advfast.methods import METHODS
+    from advfast.methods import METHODS, Method
+    from advfast.methods.coreset_rcs import rcs_preset
 
     file = file or sys.stdout
     datasets = ("cifar10", "cifar100", "stl10", "digits")
@@ -248,6 +249,8 @@ def list_methods(file=None) -> None:
         opts = {f.name: f.default for f in dataclasses.fields(cls.Options)}
         if opts:
             print("  options: " + " ".join(f"method.{k}={_fmt(v)}" for k, v in opts.items()), file=file)
+        if cls.coreset_objective is not Method.coreset_objective:  # the method declares a selection objective
+            print("  engine options: coreset=rcs (RCS coreset selection; rcs.* below)", file=file)
         # the plain presets, then those an option selects (preset_options: AIR's, A-InfoNCE's own settings)
         # (those for the default variant only: the options that select presets apply to it)
         selected = [{opt: value} for opt, values in cls.preset_options.items() for value in values]
@@ -264,6 +267,9 @@ def list_methods(file=None) -> None:
     # out has no default worth showing: every run names its --out
     defaults = _flatten({k: v for k, v in to_dict(TrainConfig()).items()
                          if k not in ("method", "variant", "method_options", "out")})
+    rcs_digits = " ".join(f"rcs.{k}={_fmt(v)}" for k, v in rcs_preset("digits").items())
+    print("\ncoreset=rcs (methods listing it above): the rcs.* defaults below are the official CIFAR ones; digits: "
+          f"{rcs_digits}", file=file)
     print("\ndefaults under every preset (change with --set KEY=VALUE or --config FILE.yaml):", file=file)
     print("  " + " ".join(f"{k}={_fmt(v, k)}" for k, v in defaults.items()), file=file)
 

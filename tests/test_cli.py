@@ -30,6 +30,23 @@ def test_list_prints_methods_variants_and_presets(capsys):
     assert "preset [ds, cifar10, cifar100, stl10]:" in out
 
 
+def test_list_shows_the_newer_methods_and_the_options_that_select_presets(capsys):
+    assert train_main(["--list"]) == 0
+    out = capsys.readouterr().out
+    blocks = {b.split("\n", 1)[0]: b for b in out.split("\n\n")}
+    assert "dynacl (default), dynacl++" in blocks["dynacl"] and "method.post_process=none" in blocks["dynacl"]
+    for method in ("acl", "dynacl"):  # AIR's own presets and the RCS engine option
+        assert "method.air=False" in blocks[method] and "preset [" in blocks[method]
+        assert "method.air=True, digits]" in blocks[method]
+        assert "engine options: coreset=rcs" in blocks[method]
+    for method in ("advcl", "rocl"):
+        for form in ("ip", "hn", "iphn"):
+            assert f"preset [method.asymmetric={form}, cifar10, cifar100, stl10]" in blocks[method]
+        assert "coreset" not in blocks[method]
+    assert "method.teacher=None" in blocks["deacl"] and "method.train_teacher=False" in blocks["deacl"]
+    assert "digits: rcs.warmup_epochs=3 rcs.interval=3" in out and "coreset=none" in out
+
+
 def test_digits_run_end_to_end_in_a_subprocess(tmp_path, capsys):
     out = tmp_path / "acl"
     r = run_cli("--method", "acl", *FAST, "--set", "max_steps=2", "--out", str(out))
