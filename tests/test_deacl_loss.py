@@ -15,14 +15,15 @@ D64 = torch.float64
 EPS, ALPHA, STEPS = 8 / 255, 2 / 255, 5
 
 
-def official_step(student, teacher, image_weak, start, trades_k=2.0):
-    """The official step with its teacher graph (loss.backward() reaches the teacher too); ``start`` is the
-    U(-eps, eps) draw of generate_training_AE."""
+def official_step(student, teacher, image_weak, start, trades_k=2.0, steps=STEPS):
+    """The official step (generate_training_AE + training_step) with its teacher graph (loss.backward() reaches
+    the teacher too); ``start`` is the U(-eps, eps) draw of generate_training_AE. Also used by
+    tests/test_method_deacl.py."""
     teacher.eval()
     away_target = teacher(image_weak)
     x_cl = image_weak.clone().detach() + start
     student.eval()
-    for _ in range(STEPS):
+    for _ in range(steps):
         x_cl.requires_grad_()
         with torch.enable_grad():
             loss = -F.cosine_similarity(student(x_cl), away_target, dim=1).sum() * 256

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from advfast.cli import train_main
 from advfast.config import validate
@@ -30,33 +29,18 @@ from advfast.methods.deacl import DEACL_CIFAR_MEAN, DEACL_CIFAR_STD, DEACL_VIEWS
 from advfast.models import build_encoder
 
 HERE = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("deacl_loss_tests", HERE / "test_deacl_loss.py")
+_loss_tests = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_loss_tests)  # its official-step transcription (not collected twice: a private name)
 D64 = torch.float64
-EPS, ALPHA = 8 / 255, 2 / 255
+EPS = 8 / 255
 # digits at 8 px with the convnet; every step logged and checkpointed, deterministic kernels
 RUN = dict(progress=False, log_every=1, ckpt_every=1, deterministic=True, keep_last=20, arch="convnet", image_size=8)
 
 
 def official_step(student, teacher, image_weak, start, steps, trades_k=2.0):
-    """generate_training_AE + training_step as coded (the teacher's forward in the graph, so the official
-    backward runs through it); ``start`` is its U(-eps, eps) draw. The online probe does not touch the backbone."""
-    teacher.eval()
-    away_target = teacher(image_weak)
-    x_cl = image_weak.clone().detach() + start
-    student.eval()
-    for _ in range(steps):
-        x_cl.requires_grad_()
-        with torch.enable_grad():
-            loss = -F.cosine_similarity(student(x_cl), away_target, dim=1).sum() * 256
-        grad = torch.autograd.grad(loss, x_cl)[0]
-        x_cl = x_cl.detach() + ALPHA * torch.sign(grad.detach())
-        x_cl = torch.min(torch.max(x_cl, image_weak - EPS), image_weak + EPS)
-        x_cl = torch.clamp(x_cl, 0, 1)
-    student.train()
-    logits_all = student(torch.cat([image_weak, x_cl]))
-    bs = image_weak.size(0)
-    adv_loss = -F.cosine_similarity(logits_all[:bs], away_target).mean()
-    adv_loss += -trades_k * F.cosine_similarity(logits_all[bs:], logits_all[:bs]).mean()
-    return adv_loss
+    """The float64 transcription of the official step (tests/test_deacl_loss.py), its loss only."""
+    return _loss_tests.official_step(student, teacher, image_weak, start, trades_k, steps=steps)[0]
 
 
 def _tiny_method(steps=5):
