@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advfast import ops
 from advfast.attacks import pgd
-from advfast.attacks.trades import trades_examples
+from advfast.attacks.trades import gaussian_start, trades_ascent, trades_examples
 from advfast.eval.protocols import ProtocolConfig
 from advfast.losses.trades import trades_loss
 
@@ -81,17 +80,9 @@ def trades_examples_dual(model: Classifier, x: torch.Tensor, eps: float, alpha: 
     ``model.branch`` and p_normal ``model.natural_branch``."""
     was_training = model.training
     model.eval()
-    try:
-        with torch.no_grad():  # eval mode: the code's per-step recomputation gives the same target
-            p_nat = F.softmax(model.logits(x, model.natural_branch), dim=1)
-        noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-        x_adv = (x + 0.001 * noise).detach()
-        for _ in range(steps):
-            x_adv.requires_grad_(True)
-            kl = F.kl_div(F.log_softmax(model.logits(x_adv, model.branch), dim=1), p_nat, reduction="sum")
-            (grad,) = torch.autograd.grad(kl, x_adv)
-            x_adv = ops.pgd_step_(x_adv.detach(), x, grad, eps, alpha)
-        return x_adv.detach()
+    try:  # eval mode: the code's per-step recomputation of the target gives the one computed once
+        return trades_ascent(lambda v: model.logits(v, model.natural_branch), lambda v: model.logits(v, model.branch),
+                             x, gaussian_start(x, 0.001, generator), eps, alpha, steps)
     finally:
         model.train(was_training)
 

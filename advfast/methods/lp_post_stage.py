@@ -65,8 +65,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from advfast import ops
 from advfast.attacks import input_only_gradients
+from advfast.attacks.trades import trades_ascent
 from advfast.config import OptimConfig
 from advfast.data.presets import PRESETS
 from advfast.losses.trades import trades_loss
@@ -315,19 +315,12 @@ def trades_attack(target_logits, adv_logits, x: torch.Tensor, eps: float, alpha:
     """TRADES' inner maximisation, as PKU-ML/DYNACL's trades_loss (``start_std`` 0: from x itself) and AIR's
     trades_loss_dual (``start_std`` 0.001: x + 0.001 N(0, 1), the global RNG): ascend
     KL(softmax(target_logits(x)) || softmax(adv_logits(x'))) (summed) by signed steps inside the eps-ball and
-    [0, 1]. The caller sets the modes (eval, as both scripts). advfast.attacks.trades.trades_examples is the
-    case start_std 0.001 with one model for target and adversary."""
+    [0, 1] (advfast.attacks.trades.trades_ascent). The caller sets the modes (eval, as both scripts).
+    The start draws with ``randn_like`` from the global RNG, as the scripts' ``torch.randn(x.shape).cuda()``."""
     if start_std < 0:
         raise ValueError(f"start_std must be >= 0, got {start_std}")
-    with torch.no_grad():
-        p_nat = F.softmax(target_logits(x), dim=1)
-    x_adv = x.detach().clone() if start_std == 0 else (x + start_std * torch.randn_like(x)).detach()
-    for _ in range(steps):
-        x_adv.requires_grad_(True)
-        kl = F.kl_div(F.log_softmax(adv_logits(x_adv), dim=1), p_nat, reduction="sum")
-        (grad,) = torch.autograd.grad(kl, x_adv)
-        x_adv = ops.pgd_step_(x_adv.detach(), x, grad, eps, alpha)
-    return x_adv.detach()
+    x_start = x.detach().clone() if start_std == 0 else (x + start_std * torch.randn_like(x)).detach()
+    return trades_ascent(target_logits, adv_logits, x, x_start, eps, alpha, steps)
 
 
 def lp_features(method: nn.Module, branch: str = "normal", dataset=None) -> torch.Tensor:
