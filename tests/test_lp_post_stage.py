@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 import signal
 import subprocess
@@ -40,6 +39,16 @@ from advfast.models.export import load_encoder
 from advfast.optim import build_optimizer
 
 HERE = Path(__file__).resolve()
+
+
+def _load(name: str):
+    """A module of this test directory (--import-mode=importlib: not importable by name)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"_lp_{name}", HERE.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 # the engine test's stages: probe 1 epoch, AFT 2 epochs with the lr step after epoch 1, 2 TRADES steps
 SMALL = dataclasses.replace(LP_AFT, probe=dataclasses.replace(LP_AFT.probe, epochs=1),
@@ -95,18 +104,8 @@ def _method(cls=LPDemo, dtype=torch.float64):
 
 
 def _official_kmeans_from(x, initial_state, tol):
-    """kmeans_pytorch.kmeans after ``initialize``: Lloyd until (sum_k ||shift_k||)^2 < tol, returning the
-    assignment computed before the last centre update."""
-    state = initial_state.clone()
-    while True:
-        dis = ((x[:, None, :] - state[None, :, :]) ** 2).sum(-1)  # pairwise_distance
-        choice = torch.argmin(dis, dim=1)
-        pre = state.clone()
-        for index in range(state.shape[0]):
-            state[index] = x[choice == index].mean(dim=0)
-        shift = torch.sum(torch.sqrt(torch.sum((state - pre) ** 2, dim=1)))
-        if shift ** 2 < tol:
-            return choice
+    """kmeans_pytorch.kmeans after ``initialize`` (tests/test_dynacl_air_parts.py's transcription): the labels."""
+    return _load("test_dynacl_air_parts")._official_kmeans_from(x, initial_state, tol)[0]
 
 
 def _random_points(x, k, seed):
@@ -359,17 +358,8 @@ def _config(out, **extra):
     return build_config("lpdemo", None, "digits", [dict(RUN, out=str(out)), extra])
 
 
-def _rows(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
-def _assert_same_run(a: Trainer, b: Trainer, out_a, out_b):
-    sa, sb = a.method.state_dict(), b.method.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
-    keys = [k for k in _rows(out_a)[0] if k != "images_per_s"]
-    assert [[r.get(k) for k in keys] for r in _rows(out_a)] == [[r.get(k) for k in keys] for r in _rows(out_b)]
+_same_run = _load("same_run")
+_rows, _assert_same_run = _same_run.metric_rows, _same_run.assert_same_run
 
 
 def _count_features(monkeypatch):

@@ -22,6 +22,9 @@ from advfast.engine.checkpoint import KILL_HOOK_ENV, list_checkpoints, load_chec
 from advfast.methods import METHODS, register
 
 HERE = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("same_run", HERE / "same_run.py")
+_same_run = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_same_run)
 _spec = importlib.util.spec_from_file_location("hooks_demo_method", HERE / "hooks_demo_method.py")
 demo = sys.modules.setdefault("hooks_demo_method", importlib.util.module_from_spec(_spec))
 if not hasattr(demo, "HookDemo"):
@@ -60,24 +63,12 @@ def cli_args(out, teacher) -> list[str]:
             "--set", "ckpt_every=1", "--set", "attack.steps=1", "--set", "keep_last=10"]
 
 
-def rows(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+rows = _same_run.metric_rows
 
 
 def _assert_same_run(a: Trainer, b: Trainer, out_a, out_b):
-    sa, sb = a.method.state_dict(), b.method.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
-    oa, ob = a.optimizer.state_dict(), b.optimizer.state_dict()
-    assert oa["param_groups"] == ob["param_groups"] and oa["state"].keys() == ob["state"].keys()
-    for i in oa["state"]:
-        for k, v in oa["state"][i].items():
-            assert torch.equal(v, ob["state"][i][k]) if torch.is_tensor(v) else v == ob["state"][i][k]
-    ra, rb = rows(out_a), rows(out_b)
-    assert [r["step"] for r in rb] == list(range(1, 9))
-    keys = [k for k in ra[0] if k != "images_per_s"]
-    assert [[r.get(k) for k in keys] for r in ra] == [[r.get(k) for k in keys] for r in rb]
+    _same_run.assert_same_run(a, b, out_a, out_b)
+    assert [r["step"] for r in rows(out_b)] == list(range(1, 9))
 
 
 @pytest.mark.slow  # about 35 s with the teacher run (2 cores)
