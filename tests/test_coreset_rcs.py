@@ -19,7 +19,7 @@ from advfast.data import DeviceLoader, build_augment
 from advfast.data.datasets import ImageDataset
 from advfast.data.loader import Batch
 from advfast.engine import Trainer, build_config
-from advfast.engine.trainer import EpochLayout
+from advfast.engine.coreset import EpochLayout
 from advfast.methods.coreset_rcs import (CoresetObjective, RCSSettings, holdout_split, select_with,
                                          val_rows_as_coded)
 # the float64 transcription of the official step lives in the groundwork test (loaded by path: tests/ is no package)

@@ -32,6 +32,7 @@ from advfast.config import TrainConfig, closest, from_dict, to_dict, validate
 from advfast.data.build import dataset_kwargs
 from advfast.engine import checkpoint as ckpt
 from advfast.engine import distributed
+from advfast.engine.coreset import CoresetState, EpochLayout
 from advfast.engine.divergence import STOP, decide, weights_finite
 from advfast.engine.logging import MetricLogger, Progress
 from advfast.engine.precision import resolve_precision, training_settings
@@ -228,7 +229,7 @@ class Trainer:
         epochs draw from it too), the selection loader and the epoch layout (full-data epochs, then coreset
         epochs of fewer steps). Without it the layout is uniform and nothing else changes."""
         cfg = self.cfg
-        self.coreset: _Coreset | None = None
+        self.coreset: CoresetState | None = None
         self.layout = EpochLayout(self.steps_per_epoch)
         if cfg.coreset == "none":
             return
@@ -265,7 +266,7 @@ class Trainer:
         images = self.dataset.images.index_select(0, val).to(self.device).float().div_(255)
         size = self._image_size()
         val_x = val_rows_as_coded(resize(images, (size, size)), settings.batch_size)
-        self.coreset = _Coreset(objective, settings, chooser, val_x, select_from, val, k * settings.batch_size)
+        self.coreset = CoresetState(objective, settings, chooser, val_x, select_from, val, k * settings.batch_size)
         # the official loop trains on the subset from the first selection epoch or after the warm-up, whichever
         # comes first (with interval 1 the selection at epoch `warmup` is one epoch early)
         first = next(e for e in range(settings.warmup_epochs + 1)
@@ -765,63 +766,6 @@ class Trainer:
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, handler)
         return lambda: [signal.signal(s, h) for s, h in previous.items()]
-
-
-@dataclasses.dataclass(frozen=True)
-class EpochLayout:
-    """Steps of each (0-based) epoch: ``full`` per epoch, or with a coreset ``full`` for the first ``warmup``
-    epochs and ``core`` after them. ``virtual_step`` maps a step to the same epoch progress on the full-data
-    scale: the learning-rate schedule in epoch units (RCS's official code rebuilds its per-iteration cosine
-    for each epoch's loader length and fast-forwards it, so the LR follows the epoch progress)."""
-    full: int
-    core: int | None = None
-    warmup: int = 0
-
-    @property
-    def uniform(self) -> bool:
-        return self.core is None
-
-    def steps_in(self, epoch: int) -> int:
-        return self.full if self.core is None or epoch < self.warmup else self.core
-
-    def start(self, epoch: int) -> int:
-        if self.core is None or epoch <= self.warmup:
-            return epoch * self.full
-        return self.warmup * self.full + (epoch - self.warmup) * self.core
-
-    def epoch_of(self, step: int) -> int:
-        if self.core is None or step < self.warmup * self.full:
-            return step // self.full
-        return self.warmup + (step - self.warmup * self.full) // self.core
-
-    def progress(self, step: int) -> float:
-        """Epochs done at ``step`` (fractional)."""
-        if self.core is None:
-            return step / self.full
-        e = self.epoch_of(step)
-        return e + (step - self.start(e)) / self.steps_in(e)
-
-    def virtual_step(self, step: int) -> float:
-        """``step`` as the full-data step at the same epoch progress (itself on full-data epochs)."""
-        e = self.epoch_of(step)
-        if self.core is None or e < self.warmup:
-            return step
-        return e * self.full + (step - self.start(e)) * self.full / self.core
-
-
-@dataclasses.dataclass
-class _Coreset:
-    """A run's coreset state: what it selects with, the selection loader (``chooser``), the validation rows,
-    the pool (None: the whole set), and the current selection (dataset indices) with its epoch."""
-    objective: Any
-    settings: Any
-    chooser: Any
-    val_x: torch.Tensor
-    pool: torch.Tensor | None
-    val_indices: torch.Tensor
-    size: int
-    indices: torch.Tensor | None = None
-    selected_at: int = -1
 
 
 class _MetricWindow:
