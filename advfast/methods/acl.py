@@ -154,14 +154,17 @@ class ACL(SimCLR):
     def branches(self) -> tuple[str, ...]:
         return ("normal", "pgd") if self.dual else ("normal",)
 
+    # where coreset=rcs draws from: "holdout" (ACL_RCS.py: the training set minus the validation share)
+    coreset_pool: ClassVar[str] = "holdout"
+
     def coreset_objective(self):
-        """coreset=rcs (ACL_RCS.py): ACL-DS's NT-Xent, its projection head and dual BN; the coreset is drawn
-        from the training set minus the held-out validation share. None (refused) off DS or without dual BN."""
+        """coreset=rcs (ACL_RCS.py): ACL-DS's NT-Xent, its projection head and dual BN, drawn from
+        ``coreset_pool``. None (refused) for the paper-only variants a2a/a2s or without dual BN."""
         from advfast.methods.coreset_rcs import CoresetObjective
 
-        if self.variant != "ds" or not self.dual:
+        if self.variant in ("a2a", "a2s") or not self.dual:
             return None
-        return CoresetObjective(self.backbone, self.head, "normal", "pgd", self.temperature, pool="holdout")
+        return CoresetObjective(self.backbone, self.head, "normal", "pgd", self.temperature, pool=self.coreset_pool)
 
     @classmethod
     def preset(cls, dataset: str, variant: str | None = None) -> dict[str, Any]:

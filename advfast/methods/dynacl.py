@@ -53,6 +53,9 @@ class DynACL(ACL):
     default_variant = "dynacl"
     augment_preset = strength_views(1.0, "bilinear")  # epoch 1's views; on_epoch_start sets each epoch's
     benchmarked = in_digits_table = True
+    # coreset=rcs as DynACL_RCS.py: ACL's objective (NT-Xent without DynACL's weight, as coded) drawn from the full
+    # training set, validation images included, with the epoch's strength views
+    coreset_pool = "full"
     digits_table_rows = {"dynacl++": ("method.post_process=lp-aft",)}  # its LP-AFT output is the '++' row
     attack_graph_setups = {"dynacl": {}}  # method.air=true attacks exactly as acl-air (ACL's attack_both)
     # method.air=true: AIR's --DynAug (ACL.preset_for gives air_preset(dataset, dyn_aug=True), ACL's AIR path
@@ -200,16 +203,6 @@ class DynACL(ACL):
         return loss, {"loss_clean": loss_clean.detach(), "loss_adv": loss_adv.detach()}
 
     # ---- stages and export ----------------------------------------------------------------------------
-    def coreset_objective(self):
-        """coreset=rcs (DynACL_RCS.py): ACL's NT-Xent (no DynACL weight, as coded), the projection head and dual
-        BN; the coreset drawn from the full training set (the validation images included, as coded), with the
-        epoch's strength views. None (refused) without dual BN."""
-        from advfast.methods.coreset_rcs import CoresetObjective
-
-        if not self.dual:
-            return None
-        return CoresetObjective(self.backbone, self.head, "normal", "pgd", self.temperature, pool="full")
-
     def stages(self):
         """Pre-training; DynACL++ (-AIR++): its export, then the LP-AFT (LP-AFF) stages, whose last output is
         the run's encoder.safetensors (the leaderboard's "++" rows)."""
